@@ -1,0 +1,34 @@
+"""estimator_mnv2: MobileNetV2 as a tf.estimator image-classification pipeline.
+
+Importing the package checks the platform first: tf.estimator exists only up to TensorFlow 2.15,
+and a wrong TensorFlow fails later with obscure errors, so it fails here with what to install.
+"""
+
+_INSTALL_HINT = (
+    "pip install 'tensorflow-cpu>=2.15.1,<2.16' 'tensorflow-estimator==2.15.*' "
+    "(or 'tensorflow[and-cuda]>=2.15.1,<2.16' for GPUs), or pip install -e '.[cpu]'"
+)
+
+
+def _check_platform():
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise ImportError(f"estimator_mnv2 needs TensorFlow 2.15, which is not installed: "
+                          f"{_INSTALL_HINT}") from e
+    major, minor = (int(x) for x in tf.__version__.split(".")[:2])
+    if (major, minor) != (2, 15):
+        raise ImportError(
+            f"estimator_mnv2 needs TensorFlow 2.15 (tf.estimator was removed in 2.16), "
+            f"found {tf.__version__}: {_INSTALL_HINT}")
+    try:
+        import tensorflow_estimator  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"estimator_mnv2 needs tensorflow-estimator 2.15, which is not installed: "
+            f"{_INSTALL_HINT}") from e
+
+
+_check_platform()
+
+__version__ = "0.1.0"

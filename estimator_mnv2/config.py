@@ -1,0 +1,211 @@
+"""The pipeline's hyper-parameters: one frozen dataclass, validated before any graph is built.
+
+Config flows one way: absl flags (scripts/, estimator_mnv2/flags.py) -> Config -> the
+Estimator's `params` dict -> library functions. Every field has a flag of the same name, so a
+validation error names the flag to fix.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Optional, Tuple
+
+from estimator_mnv2 import nets
+
+CONFIG_FILE = "config.json"
+
+# Fields that fix the graph's variables: a model_dir trained with one value cannot go on with
+# another (its checkpoints would not restore).
+ARCHITECTURE_FIELDS = ("network", "width", "num_classes")
+
+OPTIMIZERS = ("rmsprop", "momentum", "sgd", "adam")
+SCHEDULES = ("constant", "exponential", "cosine", "piecewise")
+MODES = ("train", "evaluate", "train_and_evaluate")
+
+
+class ConfigError(ValueError):
+    """A bad setting; `field` is the flag to fix."""
+
+    def __init__(self, field, message):
+        super().__init__(f"--{field}: {message}")
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # Where everything is written: checkpoints, summaries, config.json, exports.
+    model_dir: str = ""
+
+    # Network.
+    network: str = nets.DEFAULT_NETWORK
+    width: float = 1.0
+    num_classes: int = 0
+    weight_decay: float = 4e-5
+    bn_momentum: Optional[float] = None  # None: the network variant's default
+    label_smoothing: float = 0.0
+
+    # Data.
+    train_files: Tuple[str, ...] = ()
+    eval_files: Tuple[str, ...] = ()
+    num_train_examples: int = 0  # for epochs and per-epoch schedules; 0 = unknown
+    image_size: int = 224
+    batch_size: int = 32
+    eval_batch_size: int = 100
+    crop_area_min: float = 0.08
+    flip: bool = True
+    eval_crop_fraction: float = 0.875
+    cache: bool = False
+    shuffle_buffer: int = 10000
+    image_key: str = "image/encoded"
+    label_key: str = "image/class/label"
+    label_offset: int = 0
+    class_names: Tuple[str, ...] = ()
+
+    # Optimization.
+    optimizer: str = "rmsprop"
+    learning_rate: float = 0.045
+    lr_schedule: str = "exponential"
+    lr_decay_rate: float = 0.98
+    lr_decay_epochs: float = 1.0
+    lr_boundaries: Tuple[float, ...] = ()  # piecewise: epoch boundaries
+    lr_multipliers: Tuple[float, ...] = ()  # piecewise: one more than boundaries
+    warmup_epochs: float = 0.0
+    scale_lr_with_batch: bool = False  # lr * batch_size / 256
+    momentum: float = 0.9
+    rmsprop_decay: float = 0.9
+    rmsprop_epsilon: float = 1.0
+    clip_gradient_norm: float = 0.0
+    moving_average_decay: float = 0.0
+
+    # Run.
+    mode: str = "train_and_evaluate"
+    train_steps: int = 0
+    train_epochs: float = 0.0
+    save_checkpoints_steps: int = 0  # 0: every eval_every_steps (or 1000)
+    keep_checkpoint_max: int = 5
+    eval_every_steps: int = 1000
+    eval_steps: int = 0  # 0: the whole evaluation set
+    log_every_steps: int = 100
+    seed: Optional[int] = None
+
+    @property
+    def steps_per_epoch(self):
+        return max(1, self.num_train_examples // self.batch_size) if self.num_train_examples else 0
+
+    @property
+    def max_steps(self):
+        """Target global step, from --train_steps or --train_epochs."""
+        if self.train_steps:
+            return self.train_steps
+        return int(round(self.train_epochs * self.steps_per_epoch))
+
+    def to_params(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_params(cls, params):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v
+                  for k, v in params.items() if k in fields}
+        return cls(**values)
+
+    def validate(self, for_training=True):
+        """Raises ConfigError naming the first bad field; returns self."""
+        def need(ok, field, message):
+            if not ok:
+                raise ConfigError(field, message)
+
+        need(self.network in nets.NETWORKS, "network",
+             f"unknown network {self.network!r}; known: {', '.join(sorted(nets.NETWORKS))}")
+        need(0.1 <= self.width <= 2.0, "width", f"{self.width} is outside 0.1..2.0 "
+             f"(published widths: {', '.join(map(str, nets.STANDARD_WIDTHS))})")
+        need(self.num_classes >= 2, "num_classes",
+             f"need at least 2 classes, got {self.num_classes} (pass --num_classes or a "
+             f"--data_dir with labels.txt)")
+        need(32 <= self.image_size <= 1024, "image_size",
+             f"{self.image_size} is outside 32..1024 pixels")
+        need(1 <= self.batch_size <= 8192, "batch_size", f"{self.batch_size} is outside 1..8192")
+        need(1 <= self.eval_batch_size <= 8192, "eval_batch_size",
+             f"{self.eval_batch_size} is outside 1..8192")
+        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        need(self.bn_momentum is None or 0 <= self.bn_momentum < 1, "bn_momentum",
+             f"must be in [0, 1), got {self.bn_momentum}")
+        need(0 <= self.label_smoothing < 1, "label_smoothing",
+             f"must be in [0, 1), got {self.label_smoothing}")
+        need(0 < self.crop_area_min <= 1, "crop_area_min",
+             f"must be in (0, 1], got {self.crop_area_min}")
+        need(0 < self.eval_crop_fraction <= 1, "eval_crop_fraction",
+             f"must be in (0, 1], got {self.eval_crop_fraction}")
+        need(self.optimizer in OPTIMIZERS, "optimizer",
+             f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        need(self.lr_schedule in SCHEDULES, "lr_schedule",
+             f"unknown schedule {self.lr_schedule!r}; known: {', '.join(SCHEDULES)}")
+        need(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        need(0 < self.lr_decay_rate <= 1, "lr_decay_rate",
+             f"must be in (0, 1], got {self.lr_decay_rate}")
+        need(self.lr_decay_epochs > 0, "lr_decay_epochs",
+             f"must be > 0, got {self.lr_decay_epochs}")
+        if self.lr_schedule == "piecewise":
+            need(len(self.lr_multipliers) == len(self.lr_boundaries) + 1, "lr_multipliers",
+                 f"piecewise needs one more multiplier than --lr_boundaries "
+                 f"({len(self.lr_boundaries)}), got {len(self.lr_multipliers)}")
+            need(list(self.lr_boundaries) == sorted(self.lr_boundaries), "lr_boundaries",
+                 "must be increasing")
+        need(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        need(0 <= self.moving_average_decay < 1, "moving_average_decay",
+             f"must be in [0, 1), got {self.moving_average_decay}")
+        need(self.clip_gradient_norm >= 0, "clip_gradient_norm",
+             f"must be >= 0, got {self.clip_gradient_norm}")
+        need(self.mode in MODES, "mode", f"unknown mode {self.mode!r}; known: {', '.join(MODES)}")
+        need(self.eval_every_steps >= 1, "eval_every_steps",
+             f"must be >= 1, got {self.eval_every_steps}")
+        need(self.keep_checkpoint_max >= 1, "keep_checkpoint_max",
+             f"must be >= 1, got {self.keep_checkpoint_max}")
+        need(bool(self.model_dir), "model_dir", "is required")
+        need(not os.path.isfile(self.model_dir), "model_dir",
+             f"{self.model_dir} is a file, not a folder")
+        need(not self.class_names or len(self.class_names) == self.num_classes, "num_classes",
+             f"{self.num_classes} disagrees with the {len(self.class_names)} classes of "
+             f"labels.txt")
+        if for_training and self.mode != "evaluate":
+            need(bool(self.train_files), "train_files", "is required to train (or --data_dir)")
+            need(self.train_steps > 0 or self.train_epochs > 0, "train_steps",
+                 "set --train_steps or --train_epochs")
+            need(self.train_steps > 0 or self.num_train_examples > 0, "train_epochs",
+                 "needs the number of training examples (dataset_info.json in --data_dir or "
+                 "--num_train_examples)")
+        if self.mode != "train":
+            need(bool(self.eval_files), "eval_files", "is required to evaluate (or --data_dir)")
+        per_epoch = (self.lr_schedule in ("exponential", "piecewise") or self.warmup_epochs > 0)
+        need(not per_epoch or self.steps_per_epoch > 0 or not for_training, "num_train_examples",
+             f"--lr_schedule={self.lr_schedule} and --warmup_epochs count in epochs and need the "
+             f"number of training examples (dataset_info.json in --data_dir)")
+        return self
+
+
+def save(config: Config, model_dir):
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config.to_params(), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)  # never a half-written config
+
+
+def load(model_dir) -> Optional[Config]:
+    """The config saved in `model_dir`, or None if there is none."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return Config.from_params(json.load(f))
+
+
+def check_compatible(saved: Config, new: Config):
+    """Refuses flags that would change the graph of an existing model_dir."""
+    keys = [k for k in ARCHITECTURE_FIELDS if getattr(saved, k) != getattr(new, k)]
+    if keys:
+        diffs = "; ".join(f"--{k}={getattr(new, k)!r} but model_dir has {getattr(saved, k)!r}"
+                          for k in keys)
+        raise ConfigError(keys[0], f"conflicts with {os.path.join(new.model_dir, CONFIG_FILE)}: "
+                          f"{diffs}. Use a new --model_dir or the saved values.")

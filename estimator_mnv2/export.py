@@ -1,0 +1,112 @@
+"""SavedModel export (TF Serving-ready signatures), exporters for training, and a fast predictor.
+
+Signatures of every export:
+- `serving_default`: `image_bytes` string [None] of encoded JPEG/PNG/GIF/BMP images, which is
+  what TF Serving's REST API feeds from `{"instances": [{"b64": "..."}]}`.
+- `pixels:serving_default`: `pixels` float32 [None, H, W, 3] in 0..255 for callers that decode
+  themselves (any H, W; all images of a batch the same size).
+Both go through `preprocessing.preprocess_for_eval`, the transform evaluation uses. Outputs:
+`classes`, `class_names`, `probabilities`, `top_k_classes`, `top_k_scores`.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from estimator_mnv2.config import Config
+from estimator_mnv2.data import preprocessing
+
+v1 = tf.compat.v1
+
+BYTES_INPUT = "image_bytes"
+PIXELS_INPUT = "pixels"
+DEFAULT_SIGNATURE = "serving_default"
+PIXELS_SIGNATURE = f"{PIXELS_INPUT}:{DEFAULT_SIGNATURE}"
+
+
+def serving_input_receiver_fn(cfg: Config):
+    """Receiver taking encoded image bytes (default) or float pixels (alternative signature)."""
+    def preprocess(image):
+        return preprocessing.preprocess_for_eval(image, cfg.image_size, cfg.eval_crop_fraction)
+
+    def receiver_fn():
+        # Each input defaults to an empty batch, so each signature feeds only its own; an empty
+        # request takes the pixels branch with zero images and returns an empty result.
+        image_bytes = v1.placeholder_with_default(tf.constant([], tf.string), [None],
+                                                  name=BYTES_INPUT)
+        pixels = v1.placeholder_with_default(
+            tf.zeros([0, cfg.image_size, cfg.image_size, 3]), [None, None, None, 3],
+            name=PIXELS_INPUT)
+        spec = tf.TensorSpec([cfg.image_size, cfg.image_size, 3], tf.float32)
+        images = tf.cond(
+            tf.size(image_bytes) > 0,
+            lambda: tf.map_fn(lambda b: preprocess(preprocessing.decode_image(b)), image_bytes,
+                              fn_output_signature=spec),
+            lambda: tf.map_fn(preprocess, pixels, fn_output_signature=spec))
+        return tf.estimator.export.ServingInputReceiver(
+            {"image": images}, {BYTES_INPUT: image_bytes},
+            receiver_tensors_alternatives={PIXELS_INPUT: {PIXELS_INPUT: pixels}})
+
+    return receiver_fn
+
+
+def _higher_accuracy(best_eval_result, current_eval_result):
+    return (best_eval_result is None
+            or current_eval_result["accuracy"] > best_eval_result["accuracy"])
+
+
+def training_exporters(cfg: Config, exports_to_keep=3):
+    """BestExporter (by eval top-1) and LatestExporter for train_and_evaluate: model_dir/export/
+    best/<timestamp> and model_dir/export/latest/<timestamp>."""
+    receiver = serving_input_receiver_fn(cfg)
+    return [tf.estimator.BestExporter("best", receiver, compare_fn=_higher_accuracy,
+                                      exports_to_keep=1),
+            tf.estimator.LatestExporter("latest", receiver, exports_to_keep=exports_to_keep)]
+
+
+def export_saved_model(estimator, cfg: Config, export_dir, checkpoint_path=None):
+    """Writes a SavedModel under a new timestamped folder of `export_dir`; returns its path."""
+    path = estimator.export_saved_model(export_dir, serving_input_receiver_fn(cfg),
+                                        checkpoint_path=checkpoint_path)
+    return path.decode() if isinstance(path, bytes) else path
+
+
+class Predictor:
+    """Runs an export's signature in a tf.compat.v1 Session: the fastest exact path measured
+    here (FACTS.md: 12.9 ms at batch 1 against 15.2 ms through TF2 `signatures`)."""
+
+    def __init__(self, saved_model_dir, signature=DEFAULT_SIGNATURE):
+        if not os.path.isfile(os.path.join(saved_model_dir, "saved_model.pb")):
+            raise FileNotFoundError(f"{saved_model_dir} is not a SavedModel "
+                                    f"(no saved_model.pb)")
+        self.graph = tf.Graph()
+        self.session = v1.Session(graph=self.graph)
+        meta = v1.saved_model.loader.load(self.session, ["serve"], saved_model_dir)
+        sig = meta.signature_def[signature]
+        self.inputs = {k: self.graph.get_tensor_by_name(v.name) for k, v in sig.inputs.items()}
+        self.outputs = {k: self.graph.get_tensor_by_name(v.name) for k, v in sig.outputs.items()}
+
+    def __call__(self, batch):
+        """`batch`: encoded images (list of bytes) for serving_default, or float pixels.
+
+        Returns {output name: array}; an empty batch gives empty arrays without running the
+        graph (TF 2.15's CPU convolutions reject a zero-size batch in this network).
+        """
+        (tensor,) = self.inputs.values()
+        if len(batch) == 0:
+            return {k: np.zeros([0] + t.shape.as_list()[1:], t.dtype.as_numpy_dtype)
+                    for k, t in self.outputs.items()}
+        return self.session.run(self.outputs, {tensor: np.asarray(batch, dtype=object)
+                                               if tensor.dtype == tf.string else batch})
+
+    def close(self):
+        self.session.close()
+
+
+def error_summary(error):
+    """The line of a TensorFlow run error that says what was wrong with the input."""
+    lines = [line.strip() for line in error.message.splitlines()]
+    useful = [line for line in lines if line and not line.startswith(
+        ("Graph execution error", "Detected at node", "Node:", "[[", "Original stack"))]
+    return useful[0] if useful else lines[0]

@@ -1,0 +1,131 @@
+"""absl flags for the scripts: one flag per Config field, defined here and read nowhere else.
+
+Library code never sees FLAGS; scripts call `define_config_flags()` at import time and
+`config_from_flags()` in main(), then pass the Config down.
+"""
+
+import dataclasses
+import sys
+import typing
+
+from absl import flags
+
+from estimator_mnv2.config import Config
+
+FLAGS = flags.FLAGS
+
+_HELP = {
+    "model_dir": "Folder for checkpoints, summaries (TensorBoard), config.json and exports.",
+    "network": "Network from the registry: mobilenet_v2_article (the tutorial's graph) or "
+               "mobilenet_v2 (the paper's, Keras-compatible).",
+    "width": "Width multiplier alpha (0.35, 0.5, 0.75, 1.0, 1.3, 1.4 have ImageNet weights).",
+    "num_classes": "Number of classes (0: from labels.txt in --data_dir).",
+    "weight_decay": "L2 weight decay (scale * sum(w^2) / 2, as TF-slim).",
+    "bn_momentum": "Batch-norm moving-average momentum (default: the network's, 0.9). Lower "
+                   "it for short runs: the statistics must settle before evaluation.",
+    "label_smoothing": "Label smoothing of the cross-entropy targets.",
+    "train_files": "Comma-separated TFRecord file patterns for training.",
+    "eval_files": "Comma-separated TFRecord file patterns for evaluation.",
+    "num_train_examples": "Training examples per epoch (0: dataset_info.json in --data_dir).",
+    "image_size": "Input height and width in pixels.",
+    "batch_size": "Global training batch size (split across replicas when distributed).",
+    "eval_batch_size": "Evaluation batch size.",
+    "crop_area_min": "Smallest image area share of the random training crop.",
+    "flip": "Random horizontal flips in training (--noflip for digits, text, ...).",
+    "eval_crop_fraction": "Central crop kept for evaluation and serving (1.0: whole image).",
+    "cache": "Cache the serialized records in memory (small data sets).",
+    "shuffle_buffer": "Records in the training shuffle buffer.",
+    "image_key": "Feature key of the encoded image (TFDS records: 'image').",
+    "label_key": "Feature key of the label (TFDS records: 'label').",
+    "label_offset": "Subtracted from stored labels (1 for slim ImageNet shards, 0=background).",
+    "class_names": "Class names (default: labels.txt in --data_dir).",
+    "optimizer": "rmsprop (the paper), momentum, sgd or adam.",
+    "learning_rate": "Base learning rate.",
+    "lr_schedule": "constant, exponential (per epoch, the paper's 0.98), cosine or piecewise.",
+    "lr_decay_rate": "Exponential schedule: factor per --lr_decay_epochs.",
+    "lr_decay_epochs": "Exponential schedule: epochs per decay.",
+    "lr_boundaries": "Piecewise schedule: epoch boundaries, e.g. 30,60,80.",
+    "lr_multipliers": "Piecewise schedule: multipliers of the base rate, one more than "
+                      "boundaries, e.g. 1,0.1,0.01,0.001.",
+    "warmup_epochs": "Linear warmup from 0 over this many epochs.",
+    "scale_lr_with_batch": "Multiply the learning rate by batch_size / 256.",
+    "momentum": "Momentum of the momentum and rmsprop optimizers.",
+    "rmsprop_decay": "RMSProp decay.",
+    "rmsprop_epsilon": "RMSProp epsilon (TF-slim uses 1.0).",
+    "clip_gradient_norm": "Clip gradients to this global norm (0: off).",
+    "moving_average_decay": "Keep an exponential moving average of the weights with this "
+                            "decay (e.g. 0.9999); evaluation and export then use it (0: off).",
+    "mode": "train, evaluate or train_and_evaluate.",
+    "train_steps": "Train until this global step.",
+    "train_epochs": "Train for this many epochs (when --train_steps is 0).",
+    "save_checkpoints_steps": "Checkpoint every N steps (0: every --eval_every_steps).",
+    "keep_checkpoint_max": "Checkpoints kept.",
+    "eval_every_steps": "Evaluate every N steps in train_and_evaluate.",
+    "eval_steps": "Evaluation batches (0: the whole evaluation set).",
+    "log_every_steps": "Progress line and summaries every N steps.",
+    "seed": "Graph-level random seed (none: random).",
+}
+
+
+def _flag_kind(tp):
+    """(absl DEFINE function, converter) for a Config field type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        return _flag_kind(next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        item = args[0]
+        return flags.DEFINE_list, lambda v: tuple(item(x) for x in v)
+    return {str: (flags.DEFINE_string, str), int: (flags.DEFINE_integer, int),
+            float: (flags.DEFINE_float, float), bool: (flags.DEFINE_bool, bool)}[tp]
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+
+def define_config_flags(extra_data_flag=True):
+    for name, field in _FIELDS.items():
+        define, _ = _flag_kind(_TYPES[name])
+        default = field.default
+        if isinstance(default, tuple):
+            default = list(default)
+        define(name, default, _HELP[name])
+    if extra_data_flag:
+        flags.DEFINE_string("data_dir", None,
+                            "Output folder of build_tfrecords.py: sets --train_files, "
+                            "--eval_files, --num_classes and class names from it.")
+
+
+def config_from_flags(base: Config = None):
+    """Config from the flags; with `base` (a model_dir's saved config) only the flags given on
+    the command line override it."""
+    values = {}
+    for name in _FIELDS:
+        flag = FLAGS[name]
+        if base is not None and not flag.present:
+            continue
+        value = flag.value
+        if value is not None:
+            value = _flag_kind(_TYPES[name])[1](value)
+        values[name] = value
+    cfg = Config(**{**(base.to_params() if base else {}), **values})
+    if "data_dir" in FLAGS and FLAGS.data_dir:
+        from estimator_mnv2 import runner
+        cfg = runner.with_data_dir(cfg, FLAGS.data_dir)
+    return cfg
+
+
+def fail(error: Exception):
+    """One line naming the flag or file and the reason, exit code 2, nothing written."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+
+def setup_logging():
+    """One copy of each log line: TensorFlow's logger hands its records to absl's handler."""
+    import tensorflow as tf
+    from absl import logging
+
+    tf.get_logger().handlers = []
+    logging.set_verbosity(logging.INFO)

@@ -1,0 +1,71 @@
+"""The Estimator's model_fn: network -> predictions, loss, train op, metrics. Reads only params."""
+
+import tensorflow as tf
+
+from estimator_mnv2 import hooks, metrics, nets, optimization
+from estimator_mnv2.config import Config
+
+v1 = tf.compat.v1
+ModeKeys = tf.estimator.ModeKeys
+
+
+def network_outputs(images, cfg: Config, is_training):
+    """Builds the configured network on images (float32 [N, H, W, 3] in [-1, 1])."""
+    overrides = {"weight_decay": cfg.weight_decay}
+    if cfg.bn_momentum is not None:
+        overrides["bn_momentum"] = cfg.bn_momentum
+    return nets.get_network(cfg.network)(images, cfg.num_classes, is_training, width=cfg.width,
+                                         **overrides)
+
+
+def make_predictions(logits, cfg: Config):
+    """classes int64 [N], probabilities [N, C], top_k_classes/top_k_scores [N, k],
+    class_names string [N] (labels.txt names, else the class index)."""
+    probabilities = tf.nn.softmax(logits)
+    classes = tf.argmax(logits, axis=1)
+    top_scores, top_classes = tf.math.top_k(probabilities, k=min(5, cfg.num_classes))
+    names = cfg.class_names or tuple(str(i) for i in range(cfg.num_classes))
+    return {"classes": classes, "probabilities": probabilities,
+            "class_names": tf.gather(tf.constant(names), classes),
+            "top_k_classes": tf.cast(top_classes, tf.int64), "top_k_scores": top_scores}
+
+
+def compute_loss(logits, labels, cfg: Config):
+    """Cross-entropy (optionally label-smoothed) + the network's L2 regularization losses."""
+    cross_entropy = v1.losses.softmax_cross_entropy(
+        tf.one_hot(labels, cfg.num_classes), logits, label_smoothing=cfg.label_smoothing,
+        reduction=v1.losses.Reduction.SUM_BY_NONZERO_WEIGHTS, loss_collection=None)
+    regularization = v1.losses.get_regularization_loss()
+    return tf.add(cross_entropy, regularization, name="total_loss"), cross_entropy, regularization
+
+
+def model_fn(features, labels, mode, params):
+    cfg = Config.from_params(params)
+    training = mode == ModeKeys.TRAIN
+    images = features["image"]
+    logits, _ = network_outputs(images, cfg, training)
+    predictions = make_predictions(logits, cfg)
+    # Evaluation and export read the weights' moving averages when training kept them.
+    scaffold = (v1.train.Scaffold(saver=optimization.averaged_weights_saver(cfg))
+                if cfg.moving_average_decay > 0 and not training else None)
+    if mode == ModeKeys.PREDICT:
+        return tf.estimator.EstimatorSpec(
+            mode, predictions=predictions, scaffold=scaffold,
+            export_outputs={"serving_default": tf.estimator.export.PredictOutput(predictions)})
+
+    loss, cross_entropy, regularization = compute_loss(logits, labels, cfg)
+    if mode == ModeKeys.EVAL:
+        return tf.estimator.EstimatorSpec(
+            mode, loss=loss, scaffold=scaffold,
+            eval_metric_ops=metrics.eval_metric_ops(labels, logits, cfg.num_classes))
+
+    train_op, lr = optimization.build_train_op(loss, cfg)
+    v1.summary.scalar("cross_entropy", cross_entropy)
+    v1.summary.scalar("regularization_loss", regularization)
+    v1.summary.scalar("learning_rate", lr)
+    v1.summary.scalar("train_accuracy", tf.reduce_mean(
+        tf.cast(tf.equal(predictions["classes"], labels), tf.float32)))
+    v1.summary.image("input_images", (images + 1.0) / 2.0, max_outputs=3)
+    progress = hooks.ProgressHook(loss, lr, cfg.batch_size, cfg.max_steps, cfg.log_every_steps)
+    return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op,
+                                      training_hooks=[progress])

@@ -1,0 +1,100 @@
+"""Library entry points behind the scripts: prepare a model_dir, train, evaluate."""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from estimator_mnv2 import config as config_lib
+from estimator_mnv2.config import Config
+from estimator_mnv2.data import build as build_lib
+from estimator_mnv2.data import input_fn as input_lib
+from estimator_mnv2.model_fn import model_fn
+
+
+def with_data_dir(cfg: Config, data_dir):
+    """Fills files, class names, num_classes and the example count from a build_tfrecords.py
+    output folder; explicit settings win, and a --num_classes that disagrees with labels.txt
+    is caught by Config.validate."""
+    names = build_lib.read_labels(data_dir)
+    if names is None:
+        raise config_lib.ConfigError("data_dir", f"{data_dir} has no {build_lib.LABELS_FILE} "
+                                     f"(make it with scripts/build_tfrecords.py)")
+    info = build_lib.read_info(data_dir) or {}
+    return Config(**{**cfg.to_params(),
+                     "train_files": cfg.train_files or (os.path.join(data_dir, "train-*"),),
+                     "eval_files": cfg.eval_files or (os.path.join(data_dir, "validation-*"),),
+                     "class_names": tuple(names),
+                     "num_classes": cfg.num_classes or len(names),
+                     "num_train_examples": (cfg.num_train_examples
+                                            or info.get("num_examples", {}).get("train", 0))})
+
+
+def prepare_model_dir(cfg: Config):
+    """Refuses a model_dir whose saved config has another architecture, then saves `cfg`."""
+    saved = config_lib.load(cfg.model_dir)
+    if saved is not None:
+        config_lib.check_compatible(saved, cfg)
+    config_lib.save(cfg, cfg.model_dir)
+
+
+def make_estimator(cfg: Config, warm_start_from=None):
+    checkpoint_steps = cfg.save_checkpoints_steps or (
+        cfg.eval_every_steps if cfg.mode == "train_and_evaluate" else 1000)
+    run_config = tf.estimator.RunConfig(
+        model_dir=cfg.model_dir, tf_random_seed=cfg.seed,
+        save_checkpoints_steps=checkpoint_steps, keep_checkpoint_max=cfg.keep_checkpoint_max,
+        save_summary_steps=min(cfg.log_every_steps, 100),
+        log_step_count_steps=None)  # ProgressHook logs loss, lr, examples/s and time left
+    return tf.estimator.Estimator(model_fn, config=run_config, params=cfg.to_params(),
+                                  warm_start_from=warm_start_from)
+
+
+def train(cfg: Config, warm_start_from=None, exporters=()):
+    """Trains to cfg.max_steps (resuming from model_dir's last checkpoint), evaluating every
+    cfg.eval_every_steps in train_and_evaluate mode. Returns the last evaluation's metrics
+    (or None in train mode)."""
+    prepare_model_dir(cfg)
+    estimator = make_estimator(cfg, warm_start_from)
+    train_input = input_lib.make_input_fn(cfg.train_files, True, cfg)
+    if cfg.mode == "train":
+        estimator.train(train_input, max_steps=cfg.max_steps)
+        return None
+    eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
+    # Each evaluation reads the checkpoint saved every eval_every_steps; throttle_secs=0 lets
+    # every one of them be evaluated instead of one per 10 minutes.
+    train_spec = tf.estimator.TrainSpec(train_input, max_steps=cfg.max_steps)
+    eval_spec = tf.estimator.EvalSpec(eval_input, steps=cfg.eval_steps or None,
+                                      exporters=list(exporters), start_delay_secs=0,
+                                      throttle_secs=0)
+    result = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+    return printable_metrics(result[0]) if result and result[0] else None
+
+
+def evaluate(cfg: Config, checkpoint_path=None, eval_files=None, name=None):
+    """Evaluates the latest (or the given) checkpoint; returns the metrics as plain numbers."""
+    estimator = make_estimator(cfg)
+    eval_input = input_lib.make_input_fn(eval_files or cfg.eval_files, False, cfg)
+    result = estimator.evaluate(eval_input, steps=cfg.eval_steps or None,
+                                checkpoint_path=checkpoint_path, name=name)
+    return printable_metrics(result)
+
+
+def printable_metrics(result):
+    """Drops serialized summaries (the confusion-matrix image) and converts numpy scalars."""
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, bytes):
+            continue
+        out[k] = v.item() if isinstance(v, np.generic) else v
+    return out
+
+
+def write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    logging.info("wrote %s", path)

@@ -1,0 +1,38 @@
+"""Trains (and evaluates) MobileNetV2 with tf.estimator.
+
+  python scripts/train.py --model_dir runs/digits --data_dir data/digits \
+      --image_size 32 --train_epochs 10 --mode train_and_evaluate
+  python scripts/train.py --flagfile configs/digits.flags
+
+Running the same command again resumes from model_dir's last checkpoint to the target step.
+TensorBoard: tensorboard --logdir <model_dir>
+"""
+
+from absl import app, flags, logging
+
+from estimator_mnv2 import flags as flag_lib
+
+flag_lib.define_config_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from estimator_mnv2 import runner
+
+    try:
+        cfg = flag_lib.config_from_flags().validate()
+        runner.prepare_model_dir(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        flag_lib.fail(e)
+    logging.info("training %s (width %s) on %d classes to step %d in %s", cfg.network,
+                 cfg.width, cfg.num_classes, cfg.max_steps, cfg.model_dir)
+    metrics = runner.train(cfg)
+    if metrics:
+        print("final evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    print(f"TensorBoard: tensorboard --logdir {cfg.model_dir}")
+
+
+if __name__ == "__main__":
+    flag_lib.setup_logging()
+    app.run(main)

@@ -1,0 +1,208 @@
+"""Image folders -> TFRecords -> preprocessing -> input_fn, on real files written here."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import NUM_CLASSES, tiny_config
+from PIL import Image
+
+from estimator_mnv2.data import build, input_fn, preprocessing, schema
+
+
+def read_records(pattern):
+    """[(label, filename, decoded uint8 image, stored format)] of every record."""
+    out = []
+    for path in sorted(tf.io.gfile.glob(pattern)):
+        for raw in tf.data.TFRecordDataset(path):
+            ex = tf.train.Example.FromString(raw.numpy()).features.feature
+            image = preprocessing.decode_image(ex[schema.IMAGE_KEY].bytes_list.value[0]).numpy()
+            out.append((ex[schema.LABEL_KEY].int64_list.value[0],
+                        ex[schema.FILENAME_KEY].bytes_list.value[0].decode(), image,
+                        ex[schema.FORMAT_KEY].bytes_list.value[0].decode()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """Every kind of file a user's folder holds, each with known pixels."""
+    root = tmp_path_factory.mktemp("mixed")
+    rgb = np.arange(6 * 5 * 3, dtype=np.uint8).reshape(6, 5, 3) * 3
+    gray = np.arange(30, dtype=np.uint8).reshape(6, 5) * 8
+    os.makedirs(root / "cats")
+    os.makedirs(root / "dogs")
+
+    def save(rel, image, fmt, mode=None, **kw):
+        buf = io.BytesIO()
+        Image.fromarray(image, mode).save(buf, fmt, **kw)
+        (root / rel).write_bytes(buf.getvalue())
+
+    save("cats/rgb.png", rgb, "PNG")
+    save("cats/gray.jpg", gray, "JPEG", quality=100)
+    save("cats/alpha.png", np.dstack([rgb, np.full((6, 5), 128, np.uint8)]), "PNG")
+    save("dogs/pic.bmp", rgb, "BMP")
+    save("dogs/anim.gif", rgb, "GIF")
+    save("dogs/cmyk.jpg", np.zeros((6, 5, 4), np.uint8) + 40, "JPEG", mode="CMYK")
+    good = io.BytesIO()
+    Image.fromarray(rgb).save(good, "JPEG")
+    (root / "dogs/truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (root / "dogs/notes.txt").write_text("not an image")
+    return str(root), rgb, gray
+
+
+def test_round_trip_pixels_labels_and_skips(mixed_folder, tmp_path):
+    root, rgb, gray = mixed_folder
+    info = build.build(root, str(tmp_path), validation_fraction=0.0, seed=3,
+                       log=lambda *_: None)
+    records = {os.path.basename(f): (label, image, fmt)
+               for label, f, image, fmt in read_records(str(tmp_path / "train-*"))}
+    assert set(records) == {"rgb.png", "gray.jpg", "alpha.png", "pic.bmp", "anim.gif",
+                            "cmyk.jpg"}
+    assert build.read_labels(str(tmp_path)) == ["cats", "dogs"]
+    assert {k: v[0] for k, v in records.items()} == {
+        "rgb.png": 0, "gray.jpg": 0, "alpha.png": 0, "pic.bmp": 1, "anim.gif": 1,
+        "cmyk.jpg": 1}
+    # Lossless formats come back pixel for pixel, as 3-channel RGB.
+    np.testing.assert_array_equal(records["rgb.png"][1], rgb)
+    np.testing.assert_array_equal(records["alpha.png"][1], rgb)  # alpha dropped
+    np.testing.assert_array_equal(records["pic.bmp"][1], rgb)
+    assert records["pic.bmp"][2] == "png" and records["anim.gif"][2] == "png"
+    gray_rgb = records["gray.jpg"][1]
+    assert gray_rgb.shape == (6, 5, 3)
+    assert (gray_rgb == gray_rgb[..., :1]).all()  # gray replicated to R, G and B
+    assert np.abs(gray_rgb.astype(int) - gray[:, :, None]).max() <= 12  # JPEG is lossy
+    assert records["cmyk.jpg"][1].shape == (6, 5, 3)
+    skipped = {os.path.basename(s["file"]): s["reason"] for s in info["skipped"]}
+    assert set(skipped) == {"truncated.jpg", "notes.txt"}
+    assert skipped["truncated.jpg"].startswith("undecodable jpeg")
+    assert skipped["notes.txt"] == "not a JPEG, PNG, GIF or BMP image"
+    assert info["examples_per_class"]["train"] == {"cats": 3, "dogs": 3}
+
+
+def test_same_seed_gives_identical_shards_whatever_the_workers(image_folder, tmp_path):
+    def shards(out, seed, workers):
+        build.build(image_folder, str(out), validation_fraction=0.25, num_shards=(3, 2),
+                    seed=seed, num_workers=workers, log=lambda *_: None)
+        return {f: (out / f).read_bytes() for f in sorted(os.listdir(out))
+                if f.startswith(("train", "validation"))}
+
+    a, b = shards(tmp_path / "a", 7, 1), shards(tmp_path / "b", 7, 4)
+    assert list(a) == ["train-00000-of-00003", "train-00001-of-00003", "train-00002-of-00003",
+                       "validation-00000-of-00002", "validation-00001-of-00002"]
+    assert a == b
+    assert shards(tmp_path / "c", 8, 2) != a
+
+
+def test_existing_shards_are_kept_without_overwrite(image_folder, tmp_path):
+    build.build(image_folder, str(tmp_path), num_shards=(1, 1), log=lambda *_: None)
+    before = (tmp_path / "train-00000-of-00001").read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build.build(image_folder, str(tmp_path), num_shards=(2, 1), log=lambda *_: None)
+    assert (tmp_path / "train-00000-of-00001").read_bytes() == before
+    build.build(image_folder, str(tmp_path), num_shards=(2, 1), overwrite=True,
+                log=lambda *_: None)
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("train")) == [
+        "train-00000-of-00002", "train-00001-of-00002"]  # the old shard count is gone
+
+
+def test_train_preprocessing_shape_range_and_randomness():
+    image = tf.constant(np.random.RandomState(0).randint(0, 256, (40, 30, 3)), tf.uint8)
+    outs = [preprocessing.preprocess_for_train(image, 24).numpy() for _ in range(4)]
+    for out in outs:
+        assert out.shape == (24, 24, 3) and out.dtype == np.float32
+        assert out.min() >= -1.0 and out.max() <= 1.0
+    assert any(not np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_train_flip_can_be_turned_off():
+    # With the whole image as the crop and no flip, training equals evaluation at fraction 1.
+    image = tf.constant(np.random.RandomState(1).randint(0, 256, (8, 8, 3)), tf.uint8)
+    out = preprocessing.preprocess_for_train(image, 8, area_range=(1.0, 1.0),
+                                             aspect_ratio_range=(1.0, 1.0), flip=False)
+    np.testing.assert_allclose(out, preprocessing.preprocess_for_eval(image, 8, 1.0))
+
+
+def test_eval_preprocessing_equals_hand_computation():
+    image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    # central_fraction 0.5 of 8 pixels keeps rows and columns 2..5; resizing 4 -> 4 is exact.
+    out = preprocessing.preprocess_for_eval(tf.constant(image), 4, central_fraction=0.5).numpy()
+    expected = image[2:6, 2:6].astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    again = preprocessing.preprocess_for_eval(tf.constant(image), 4, central_fraction=0.5)
+    np.testing.assert_array_equal(out, again.numpy())
+
+
+def test_input_fn_batches_follow_the_contract(data_dir, tmp_path):
+    cfg = tiny_config(str(tmp_path), data_dir)
+    features, labels = next(iter(input_fn.make_input_fn(cfg.train_files, True, cfg)()))
+    assert features["image"].shape == (4, 32, 32, 3) and features["image"].dtype == tf.float32
+    assert labels.dtype == tf.int64 and labels.shape == (4,)
+    assert -1.0 <= features["image"].numpy().min() and features["image"].numpy().max() <= 1.0
+    eval_batches = list(input_fn.make_input_fn(cfg.eval_files, False, cfg)())
+    assert sum(len(b[1]) for b in eval_batches) == 6  # one pass, last batch kept
+
+
+def test_out_of_range_label_names_label_bound_and_files(data_dir, tmp_path):
+    cfg = tiny_config(str(tmp_path), data_dir, num_classes=2, class_names=())
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"num_classes=2\).*validation-\*.*Label:\] \[2\]"):
+        list(input_fn.make_input_fn(cfg.eval_files, False, cfg)())
+
+
+def test_pattern_matching_nothing_fails_at_once(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere-\\*"):
+        input_fn.resolve_files(str(tmp_path / "nowhere-*"))
+
+
+def write_indexed_records(folder, n_files, per_file, image_key, label_key, offset=0):
+    """Records whose label is their global index (+ offset): every record identifiable."""
+    png = tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy()
+    for f in range(n_files):
+        with tf.io.TFRecordWriter(os.path.join(folder, f"part-{f}")) as w:
+            for i in range(per_file):
+                label = f * per_file + i + offset
+                w.write(tf.train.Example(features=tf.train.Features(feature={
+                    image_key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+                    label_key: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+                })).SerializeToString())
+    return os.path.join(folder, "part-*")
+
+
+@pytest.mark.parametrize("n_files", [4, 1])  # file sharding, and record sharding (1 file)
+def test_each_worker_reads_a_disjoint_part(tmp_path, n_files):
+    pattern = write_indexed_records(str(tmp_path), n_files, 24 // n_files, "image/encoded",
+                                    "image/class/label")
+    cfg = tiny_config(str(tmp_path / "m"), str(tmp_path), num_classes=24, class_names=(),
+                      eval_batch_size=6)
+    seen = []
+    for worker in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker,
+                                         num_replicas_in_sync=2)
+        ds = input_fn.make_input_fn(pattern, False, cfg)(input_context=ctx)
+        seen.append(sorted(int(x) for _, labels in ds for x in labels))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(24))
+
+
+def test_tfds_keys_and_slim_label_offset(tmp_path):
+    pattern = write_indexed_records(str(tmp_path), 1, 5, "image", "label", offset=1)
+    cfg = tiny_config(str(tmp_path / "m"), str(tmp_path), num_classes=5, class_names=(),
+                      image_key="image", label_key="label", label_offset=1)
+    labels = [int(x) for _, b in input_fn.make_input_fn(pattern, False, cfg)() for x in b]
+    assert labels == [0, 1, 2, 3, 4]
+
+
+def test_digits_are_written_as_class_folders(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    from make_digits import write_digits
+
+    assert write_digits(str(tmp_path)) == 1797
+    assert sorted(os.listdir(tmp_path)) == [str(d) for d in range(10)]
+    info = build.build(str(tmp_path), str(tmp_path / "rec"), validation_fraction=0.2,
+                       log=lambda *_: None)
+    assert info["num_examples"] == {"train": 1438, "validation": 359}
+    assert info["skipped"] == [] and NUM_CLASSES == 3
