@@ -86,6 +86,7 @@ class Config:
     eval_every_steps: int = 1000
     eval_steps: int = 0  # 0: the whole evaluation set
     log_every_steps: int = 100
+    export_during_training: bool = True  # best (by top-1) and latest SavedModels per evaluation
     seed: Optional[int] = None
 
     @property

@@ -63,6 +63,8 @@ _HELP = {
     "eval_every_steps": "Evaluate every N steps in train_and_evaluate.",
     "eval_steps": "Evaluation batches (0: the whole evaluation set).",
     "log_every_steps": "Progress line and summaries every N steps.",
+    "export_during_training": "In train_and_evaluate, export SavedModels of the best model by "
+                              "top-1 and of the latest to model_dir/export/{best,latest}.",
     "seed": "Graph-level random seed (none: random).",
 }
 

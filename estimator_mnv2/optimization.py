@@ -42,7 +42,7 @@ def learning_rate(global_step, cfg):
     warmup = int(cfg.warmup_epochs * spe)
     if warmup > 0:
         lr = tf.where(step < warmup, base * step / warmup, lr)
-    return tf.identity(lr, name="learning_rate")
+    return tf.identity(lr, name="lr")  # not "learning_rate": that is the summary tag
 
 
 def make_optimizer(lr, cfg):

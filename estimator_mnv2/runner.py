@@ -8,6 +8,7 @@ import tensorflow as tf
 from absl import logging
 
 from estimator_mnv2 import config as config_lib
+from estimator_mnv2 import export
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import build as build_lib
 from estimator_mnv2.data import input_fn as input_lib
@@ -52,10 +53,11 @@ def make_estimator(cfg: Config, warm_start_from=None):
                                   warm_start_from=warm_start_from)
 
 
-def train(cfg: Config, warm_start_from=None, exporters=()):
+def train(cfg: Config, warm_start_from=None):
     """Trains to cfg.max_steps (resuming from model_dir's last checkpoint), evaluating every
-    cfg.eval_every_steps in train_and_evaluate mode. Returns the last evaluation's metrics
-    (or None in train mode)."""
+    cfg.eval_every_steps in train_and_evaluate mode (and exporting the best and the latest
+    model with cfg.export_during_training). Returns the last evaluation's metrics (or None in
+    train mode)."""
     prepare_model_dir(cfg)
     estimator = make_estimator(cfg, warm_start_from)
     train_input = input_lib.make_input_fn(cfg.train_files, True, cfg)
@@ -63,11 +65,12 @@ def train(cfg: Config, warm_start_from=None, exporters=()):
         estimator.train(train_input, max_steps=cfg.max_steps)
         return None
     eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
+    exporters = export.training_exporters(cfg) if cfg.export_during_training else []
     # Each evaluation reads the checkpoint saved every eval_every_steps; throttle_secs=0 lets
     # every one of them be evaluated instead of one per 10 minutes.
     train_spec = tf.estimator.TrainSpec(train_input, max_steps=cfg.max_steps)
     eval_spec = tf.estimator.EvalSpec(eval_input, steps=cfg.eval_steps or None,
-                                      exporters=list(exporters), start_delay_secs=0,
+                                      exporters=exporters, start_delay_secs=0,
                                       throttle_secs=0)
     result = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
     return printable_metrics(result[0]) if result and result[0] else None

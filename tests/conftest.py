@@ -64,16 +64,18 @@ def tiny_config(model_dir, data_dir, **overrides):
                   eval_files=(os.path.join(data_dir, "validation-*"),), num_train_examples=18,
                   class_names=tuple(f"class_{i}" for i in range(NUM_CLASSES)),
                   optimizer="adam", learning_rate=0.01, lr_schedule="constant", train_steps=4,
-                  eval_every_steps=2, log_every_steps=1, seed=1, shuffle_buffer=32)
+                  eval_every_steps=2, log_every_steps=1, seed=1, shuffle_buffer=32,
+                  export_during_training=False)
     values.update(overrides)
     return Config(**values).validate()
 
 
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory, data_dir):
-    """A model_dir trained 4 steps with train_and_evaluate (checkpoints at 2 and 4)."""
+    """A model_dir trained 4 steps with train_and_evaluate (checkpoints and evaluations at 2
+    and 4, best and latest exports)."""
     from estimator_mnv2 import runner
 
     model_dir = str(tmp_path_factory.mktemp("model"))
-    runner.train(tiny_config(model_dir, data_dir))
+    runner.train(tiny_config(model_dir, data_dir, export_during_training=True))
     return model_dir

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import NUM_CLASSES, tiny_config
 from PIL import Image
 
+from conftest import NUM_CLASSES, tiny_config
 from estimator_mnv2.data import build, input_fn, preprocessing, schema
 
 

@@ -1,0 +1,146 @@
+"""SavedModel export: signatures, parity with Estimator.predict, TF2 loading, scripts."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, class_image, tiny_config
+from estimator_mnv2 import export, runner
+from estimator_mnv2.data import input_fn
+
+v1 = tf.compat.v1
+
+
+@pytest.fixture(scope="module")
+def exported(trained_model_dir, data_dir, tmp_path_factory):
+    cfg = tiny_config(trained_model_dir, data_dir)
+    base = str(tmp_path_factory.mktemp("exports"))
+    first = export.export_saved_model(runner.make_estimator(cfg), cfg, base)
+    return cfg, first, base
+
+
+def cli(*args):
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "saved_model_cli"),
+                           *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+def test_training_exported_best_and_latest(trained_model_dir):
+    for kind in ("best", "latest"):
+        exports = glob.glob(os.path.join(trained_model_dir, "export", kind, "*", "saved_model.pb"))
+        assert exports, kind
+
+
+def test_exports_never_overwrite(exported):
+    cfg, first, base = exported
+    second = export.export_saved_model(runner.make_estimator(cfg), cfg, base)
+    assert second != first and os.path.exists(os.path.join(first, "saved_model.pb"))
+
+
+def test_saved_model_cli_lists_both_signatures(exported):
+    out = cli("show", "--dir", exported[1], "--all").stdout
+    default = out[out.index("signature_def['serving_default']"):]
+    pixels = out[out.index("signature_def['pixels:serving_default']"):]
+    assert "inputs['image_bytes']" in default and "dtype: DT_STRING" in default
+    assert "inputs['pixels']" in pixels and "shape: (-1, -1, -1, 3)" in pixels
+    for output, dtype in [("classes", "DT_INT64"), ("class_names", "DT_STRING"),
+                          ("probabilities", "DT_FLOAT"), ("top_k_classes", "DT_INT64"),
+                          ("top_k_scores", "DT_FLOAT")]:
+        block = default[default.index(f"outputs['{output}']"):]
+        assert block.split("name:")[0].count(dtype) == 1, output
+    assert "shape: (-1, 3)" in default  # probabilities [N, num_classes]
+
+
+def test_saved_model_cli_run_classifies_a_jpeg(exported, tmp_path):
+    jpeg = tf.io.encode_jpeg(class_image(2, 99)).numpy()
+    npy = str(tmp_path / "batch.npy")
+    np.save(npy, np.array([jpeg], dtype=object), allow_pickle=True)
+    r = cli("run", "--dir", exported[1], "--tag_set", "serve", "--signature_def",
+            "serving_default", "--inputs", f"image_bytes={npy}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "probabilities" in r.stdout and "class_names" in r.stdout
+
+
+def test_serving_equals_estimator_predict(exported, data_dir):
+    cfg, path, _ = exported
+    records = tf.data.TFRecordDataset(sorted(glob.glob(os.path.join(data_dir, "validation-*"))))
+    encoded = [tf.train.Example.FromString(r.numpy()).features.feature["image/encoded"]
+               .bytes_list.value[0] for r in records]
+    served = export.Predictor(path)(encoded)["probabilities"]
+    estimator = runner.make_estimator(cfg)
+    predicted = np.stack([p["probabilities"] for p in estimator.predict(
+        lambda: input_fn.make_input_fn(cfg.eval_files, False, cfg)().map(lambda f, _: f))])
+    assert served.shape == predicted.shape == (6, 3)
+    assert np.abs(served - predicted).max() <= 1e-5
+
+
+def test_pixels_signature_matches_bytes(exported):
+    image = class_image(1, 5, size=20)
+    png = tf.io.encode_png(image).numpy()
+    from_bytes = export.Predictor(exported[1])([png])["probabilities"]
+    from_pixels = export.Predictor(exported[1], export.PIXELS_SIGNATURE)(
+        image[None].astype(np.float32))["probabilities"]
+    np.testing.assert_allclose(from_bytes, from_pixels, atol=1e-6)
+
+
+def test_eager_tf2_load_in_a_fresh_process_mixed_sizes(exported):
+    code = f"""
+import numpy as np, tensorflow as tf
+model = tf.saved_model.load({exported[1]!r})
+fn = model.signatures["serving_default"]
+images = [tf.io.encode_png(np.full((h, w, 3), 100, np.uint8)).numpy() for h, w in
+          [(16, 16), (40, 24), (7, 50)]]
+out = fn(image_bytes=tf.constant(images))
+print(out["probabilities"].shape, out["class_names"].numpy().tolist())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("(3, 3) [b'class_")
+
+
+def test_bad_serving_input_is_an_error_and_serving_goes_on(exported):
+    predictor = export.Predictor(exported[1])
+    for bad, message in [(b"not an image", "Unknown image file format"),
+                         (b"", "Input is empty")]:
+        with pytest.raises(tf.errors.InvalidArgumentError) as e:
+            predictor([bad])
+        assert export.error_summary(e.value).startswith(message)
+    assert predictor([])["probabilities"].shape == (0, 3)
+    png = tf.io.encode_png(class_image(0, 1)).numpy()
+    assert predictor([png])["probabilities"].shape == (1, 3)
+
+
+def run_script(name, *args):
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
+                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+                          timeout=300)
+
+
+def test_predict_script_json_and_bad_files(exported, tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(tf.io.encode_png(class_image(2, 3)).numpy())
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff broken")
+    r = run_script("predict.py", f"--saved_model={exported[1]}", "--json", str(good), str(bad))
+    assert r.returncode == 1  # one file failed, the other was classified
+    line = json.loads(r.stdout.strip().splitlines()[0])
+    assert line["file"] == str(good) and line["class_name"].startswith("class_")
+    assert len(line["top_k"]) == 3
+    assert f"{bad}: error:" in r.stderr
+
+
+def test_export_without_checkpoint_says_so(tmp_path, data_dir):
+    cfg = tiny_config(str(tmp_path / "empty"), data_dir)
+    runner.prepare_model_dir(cfg)  # config.json but no checkpoint
+    r = run_script("export.py", f"--model_dir={cfg.model_dir}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --checkpoint: no checkpoint")
+    assert not os.path.exists(os.path.join(cfg.model_dir, "export"))

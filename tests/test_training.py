@@ -1,0 +1,186 @@
+"""model_fn, optimization and the training entry points, on a real Estimator and real files."""
+
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from conftest import NUM_CLASSES, ROOT, tiny_config
+from estimator_mnv2 import config as config_lib
+from estimator_mnv2 import model_fn as model_fn_lib
+from estimator_mnv2 import optimization, runner
+
+v1 = tf.compat.v1
+
+
+def train_graph(cfg, batch=4):
+    """A TRAIN-mode model_fn graph on placeholders; returns (graph, spec, images, labels)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        v1.set_random_seed(0)
+        images = v1.placeholder(tf.float32, [batch, 32, 32, 3])
+        labels = v1.placeholder(tf.int64, [batch])
+        spec = model_fn_lib.model_fn({"image": images}, labels, tf.estimator.ModeKeys.TRAIN,
+                                     cfg.to_params())
+    return graph, spec, images, labels
+
+
+def random_batch(seed=0, batch=4):
+    rng = np.random.RandomState(seed)
+    return (rng.uniform(-1, 1, (batch, 32, 32, 3)).astype(np.float32),
+            rng.randint(0, NUM_CLASSES, batch).astype(np.int64))
+
+
+def test_one_train_step_moves_batch_norm_statistics(tmp_path, data_dir):
+    graph, spec, images, labels = train_graph(tiny_config(str(tmp_path), data_dir))
+    x, y = random_batch()
+    with graph.as_default(), v1.Session() as sess:
+        sess.run(v1.global_variables_initializer())
+        means = [v for v in v1.global_variables() if v.op.name.endswith("moving_mean")]
+        # conv1_1 + 3 per res block x 17 + conv9_1 = 53 BN layers; all means start at 0.
+        assert len(means) == 53 and all(not sess.run(m).any() for m in means)
+        sess.run(spec.train_op, {images: x, labels: y})  # the train op alone, nothing else
+        assert all(sess.run(m).any() for m in means)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_loss_is_cross_entropy_plus_regularization(tmp_path, data_dir, smoothing):
+    cfg = tiny_config(str(tmp_path), data_dir, label_smoothing=smoothing, weight_decay=1e-3)
+    graph, spec, images, labels = train_graph(cfg)
+    x, y = random_batch(1)
+    with graph.as_default(), v1.Session() as sess:
+        sess.run(v1.global_variables_initializer())
+        logits = graph.get_tensor_by_name("mobilenetv2/Reshape:0")
+        reg = tf.add_n(v1.get_collection(v1.GraphKeys.REGULARIZATION_LOSSES))
+        loss, z, r = sess.run([spec.loss, logits, reg], {images: x, labels: y})
+    targets = np.eye(NUM_CLASSES)[y] * (1 - smoothing) + smoothing / NUM_CLASSES
+    log_softmax = z - z.max(1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(1, keepdims=True))
+    cross_entropy = -(targets * log_softmax).sum(1).mean()
+    assert r > 0
+    np.testing.assert_allclose(loss, cross_entropy + r, rtol=1e-5)
+
+
+def lr_at(cfg, steps):
+    graph = tf.Graph()
+    with graph.as_default():
+        step = v1.placeholder(tf.int64, [])
+        lr = optimization.learning_rate(step, cfg)
+        with v1.Session() as sess:
+            return [float(sess.run(lr, {step: s})) for s in steps]
+
+
+def test_schedules_follow_their_formulas(tmp_path, data_dir):
+    # 400 examples / batch 4 = 100 steps per epoch.
+    base = dict(num_train_examples=400, learning_rate=0.1, train_steps=1000)
+    cfg = lambda **kw: tiny_config(str(tmp_path), data_dir, **{**base, **kw})
+    steps = [0, 99, 100, 250, 999]
+    assert lr_at(cfg(lr_schedule="constant"), steps) == pytest.approx([0.1] * 5)
+    assert lr_at(cfg(lr_schedule="exponential", lr_decay_rate=0.98, lr_decay_epochs=1),
+                 steps) == pytest.approx([0.1 * 0.98 ** (s // 100) for s in steps])
+    assert lr_at(cfg(lr_schedule="cosine"), steps) == pytest.approx(
+        [0.05 * (1 + math.cos(math.pi * s / 1000)) for s in steps], abs=1e-7)
+    assert lr_at(cfg(lr_schedule="piecewise", lr_boundaries=(1.0, 2.5),
+                     lr_multipliers=(1.0, 0.1, 0.01)), steps) == pytest.approx(
+        [0.1, 0.1, 0.01, 0.001, 0.001])
+    warm = lr_at(cfg(lr_schedule="constant", warmup_epochs=2.0), [0, 1, 100, 199, 200, 500])
+    assert warm[0] == 0.0 and warm[1] == pytest.approx(0.1 / 200)
+    assert warm[2:] == pytest.approx([0.05, 0.1 * 199 / 200, 0.1, 0.1])
+    assert lr_at(cfg(lr_schedule="constant", scale_lr_with_batch=True), [0]) == pytest.approx(
+        [0.1 * 4 / 256])
+
+
+def tags(folder):
+    """{tag} of the scalar, image and tensor summaries in folder's event files (TensorBoard's
+    own reader)."""
+    acc = event_accumulator.EventAccumulator(folder, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    found = acc.Tags()
+    return set(found["scalars"]) | set(found["images"]) | set(found["tensors"])
+
+
+def test_end_to_end_train_evaluate_resume(trained_model_dir, data_dir):
+    assert tf.train.latest_checkpoint(trained_model_dir).endswith("model.ckpt-4")
+    assert {"loss", "cross_entropy", "regularization_loss", "learning_rate", "train_accuracy",
+            "input_images/image/0"} <= tags(trained_model_dir)
+    assert {"accuracy", "top_5_accuracy", "mean_per_class_accuracy",
+            "confusion_matrix/0"} <= tags(os.path.join(trained_model_dir, "eval"))
+    # evaluated at steps 2 and 4 (every --eval_every_steps), not only at the end
+    acc = event_accumulator.EventAccumulator(os.path.join(trained_model_dir, "eval"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("accuracy")] == [2, 4]
+
+    cfg = tiny_config(trained_model_dir, data_dir)
+    metrics = runner.evaluate(cfg)
+    assert metrics["global_step"] == 4 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert set(metrics) >= {"accuracy", "top_5_accuracy", "mean_per_class_accuracy", "loss"}
+    assert "confusion_matrix" not in metrics  # image summary, not a number
+
+    # The same command with a higher target resumes from step 4.
+    runner.train(tiny_config(trained_model_dir, data_dir, train_steps=6, mode="train"))
+    assert tf.train.latest_checkpoint(trained_model_dir).endswith("model.ckpt-6")
+    saved = config_lib.load(trained_model_dir)
+    assert saved.train_steps == 6 and saved.width == 0.35
+
+
+def test_moving_average_weights_are_used_for_evaluation(tmp_path, data_dir):
+    model_dir = str(tmp_path)
+    cfg = tiny_config(model_dir, data_dir, moving_average_decay=0.5, learning_rate=0.05,
+                      mode="train", train_steps=3)
+    runner.train(cfg)
+    ckpt = tf.train.latest_checkpoint(model_dir)
+    name = "mobilenetv2/logits/w"
+    raw = tf.train.load_variable(ckpt, name)
+    average = tf.train.load_variable(ckpt, name + "/ExponentialMovingAverage")
+    assert np.abs(raw - average).max() > 1e-4  # a constructed case where they differ
+
+    # Build the EVAL graph as the Estimator does and restore through its scaffold's saver.
+    graph = tf.Graph()
+    with graph.as_default():
+        images = v1.placeholder(tf.float32, [2, 32, 32, 3])
+        spec = model_fn_lib.model_fn({"image": images}, tf.zeros([2], tf.int64),
+                                     tf.estimator.ModeKeys.EVAL, cfg.to_params())
+        with v1.Session() as sess:
+            spec.scaffold.saver.restore(sess, ckpt)
+            (var,) = [v for v in v1.global_variables() if v.op.name == name]
+            restored = sess.run(var)
+    np.testing.assert_array_equal(restored, average)
+    # ... and the evaluation itself differs from one with the raw weights.
+    ema_loss = runner.evaluate(cfg)["loss"]
+    raw_loss = runner.evaluate(tiny_config(model_dir, data_dir, mode="train"))["loss"]
+    assert ema_loss != raw_loss
+
+
+def run_script(name, *args):
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
+                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+                          timeout=300)
+
+
+def test_bad_flags_fail_before_anything_is_written(tmp_path, data_dir):
+    model_dir = tmp_path / "m"
+    cases = [(["--batch_size=0"], "--batch_size: 0 is outside 1..8192"),
+             (["--network=resnet"], "--network: unknown network 'resnet'"),
+             (["--num_classes=5"], "--num_classes: 5 disagrees with the 3 classes of labels.txt"),
+             (["--train_files=/nowhere/x-*", "--mode=train"], None)]
+    for extra, message in cases[:3]:
+        r = run_script("train.py", f"--model_dir={model_dir}", f"--data_dir={data_dir}",
+                       "--train_steps=1", *extra)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+        assert not model_dir.exists()
+
+
+def test_model_dir_with_another_architecture_is_refused(trained_model_dir, data_dir):
+    r = run_script("train.py", f"--model_dir={trained_model_dir}", f"--data_dir={data_dir}",
+                   "--train_steps=8", "--width=0.5", "--image_size=32")
+    assert r.returncode == 2
+    assert "--width=0.5 but model_dir has 0.35" in r.stderr.strip().splitlines()[-1]
+    assert not glob.glob(os.path.join(trained_model_dir, "model.ckpt-8*"))
