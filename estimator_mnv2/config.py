@@ -8,6 +8,7 @@ validation error names the flag to fix.
 import dataclasses
 import json
 import os
+import re
 from typing import Optional, Tuple
 
 from estimator_mnv2 import nets
@@ -76,6 +77,12 @@ class Config:
     rmsprop_epsilon: float = 1.0
     clip_gradient_norm: float = 0.0
     moving_average_decay: float = 0.0
+
+    # Fine-tuning.
+    warm_start_from: str = ""  # checkpoint prefix or folder
+    warm_start_exclude: str = ""  # regex of variables not to restore
+    trainable_scopes: str = ""  # regex: only matching variables train
+    freeze_batch_norm: bool = False  # BN outside trainable_scopes in inference mode
 
     # Run.
     mode: str = "train_and_evaluate"
@@ -157,6 +164,11 @@ class Config:
              f"must be in [0, 1), got {self.moving_average_decay}")
         need(self.clip_gradient_norm >= 0, "clip_gradient_norm",
              f"must be >= 0, got {self.clip_gradient_norm}")
+        for field in ("warm_start_exclude", "trainable_scopes"):
+            try:
+                re.compile(getattr(self, field))
+            except re.error as e:
+                raise ConfigError(field, f"{getattr(self, field)!r} is not a regex: {e}") from None
         need(self.mode in MODES, "mode", f"unknown mode {self.mode!r}; known: {', '.join(MODES)}")
         need(self.eval_every_steps >= 1, "eval_every_steps",
              f"must be >= 1, got {self.eval_every_steps}")

@@ -55,6 +55,14 @@ _HELP = {
     "clip_gradient_norm": "Clip gradients to this global norm (0: off).",
     "moving_average_decay": "Keep an exponential moving average of the weights with this "
                             "decay (e.g. 0.9999); evaluation and export then use it (0: off).",
+    "warm_start_from": "Checkpoint (prefix or folder: its latest) to start from: ours, or "
+                       "scripts/import_keras_weights.py's. Variables are matched by name and "
+                       "shape; the report goes to model_dir/warm_start.json.",
+    "warm_start_exclude": "Regex of variables not to restore (e.g. 'logits').",
+    "trainable_scopes": "Regex: only variables whose name matches train (e.g. 'logits' or "
+                        "'res8_1|conv9_1|logits'); the rest stay frozen.",
+    "freeze_batch_norm": "Run batch norm outside --trainable_scopes in inference mode, keeping "
+                         "its statistics (all batch norm, without --trainable_scopes).",
     "mode": "train, evaluate or train_and_evaluate.",
     "train_steps": "Train until this global step.",
     "train_epochs": "Train for this many epochs (when --train_steps is 0).",

@@ -1,5 +1,7 @@
 """The Estimator's model_fn: network -> predictions, loss, train op, metrics. Reads only params."""
 
+import re
+
 import tensorflow as tf
 
 from estimator_mnv2 import hooks, metrics, nets, optimization
@@ -14,6 +16,8 @@ def network_outputs(images, cfg: Config, is_training):
     overrides = {"weight_decay": cfg.weight_decay}
     if cfg.bn_momentum is not None:
         overrides["bn_momentum"] = cfg.bn_momentum
+    if cfg.freeze_batch_norm:
+        overrides["bn_train_scopes"] = cfg.trainable_scopes or "(?!)"  # (?!): matches nothing
     return nets.get_network(cfg.network)(images, cfg.num_classes, is_training, width=cfg.width,
                                          **overrides)
 
@@ -59,7 +63,11 @@ def model_fn(features, labels, mode, params):
             mode, loss=loss, scaffold=scaffold,
             eval_metric_ops=metrics.eval_metric_ops(labels, logits, cfg.num_classes))
 
-    train_op, lr = optimization.build_train_op(loss, cfg)
+    var_list = None
+    if cfg.trainable_scopes:
+        var_list = [v for v in v1.trainable_variables() if re.search(cfg.trainable_scopes,
+                                                                      v.op.name)]
+    train_op, lr = optimization.build_train_op(loss, cfg, var_list)
     v1.summary.scalar("cross_entropy", cross_entropy)
     v1.summary.scalar("regularization_loss", regularization)
     v1.summary.scalar("learning_rate", lr)

@@ -8,7 +8,7 @@ import tensorflow as tf
 from absl import logging
 
 from estimator_mnv2 import config as config_lib
-from estimator_mnv2 import export
+from estimator_mnv2 import export, warm_start
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import build as build_lib
 from estimator_mnv2.data import input_fn as input_lib
@@ -34,11 +34,23 @@ def with_data_dir(cfg: Config, data_dir):
 
 
 def prepare_model_dir(cfg: Config):
-    """Refuses a model_dir whose saved config has another architecture, then saves `cfg`."""
+    """Checks everything that can be checked before training, then writes config.json (and
+    warm_start.json). Returns the WarmStartSettings, or None.
+
+    Raises ConfigError (nothing written) for a model_dir whose saved config has another
+    architecture, and for a warm start that cannot apply (see warm_start.plan).
+    """
     saved = config_lib.load(cfg.model_dir)
     if saved is not None:
         config_lib.check_compatible(saved, cfg)
+    settings = None
+    if cfg.warm_start_from:
+        settings, report = warm_start.plan(cfg)
+        logging.info("%s", warm_start.summary(report))
     config_lib.save(cfg, cfg.model_dir)
+    if settings is not None:
+        write_json(report, os.path.join(cfg.model_dir, warm_start.REPORT_FILE))
+    return settings
 
 
 def make_estimator(cfg: Config, warm_start_from=None):
@@ -53,12 +65,16 @@ def make_estimator(cfg: Config, warm_start_from=None):
                                   warm_start_from=warm_start_from)
 
 
-def train(cfg: Config, warm_start_from=None):
+def train(cfg: Config):
+    """prepare_model_dir + fit."""
+    return fit(cfg, prepare_model_dir(cfg))
+
+
+def fit(cfg: Config, warm_start_from=None):
     """Trains to cfg.max_steps (resuming from model_dir's last checkpoint), evaluating every
     cfg.eval_every_steps in train_and_evaluate mode (and exporting the best and the latest
     model with cfg.export_during_training). Returns the last evaluation's metrics (or None in
     train mode)."""
-    prepare_model_dir(cfg)
     estimator = make_estimator(cfg, warm_start_from)
     train_input = input_lib.make_input_fn(cfg.train_files, True, cfg)
     if cfg.mode == "train":

@@ -22,12 +22,12 @@ def main(argv):
 
     try:
         cfg = flag_lib.config_from_flags().validate()
-        runner.prepare_model_dir(cfg)
+        warm_start = runner.prepare_model_dir(cfg)
     except (ValueError, FileNotFoundError) as e:
         flag_lib.fail(e)
     logging.info("training %s (width %s) on %d classes to step %d in %s", cfg.network,
                  cfg.width, cfg.num_classes, cfg.max_steps, cfg.model_dir)
-    metrics = runner.train(cfg)
+    metrics = runner.fit(cfg, warm_start)
     if metrics:
         print("final evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     print(f"TensorBoard: tensorboard --logdir {cfg.model_dir}")

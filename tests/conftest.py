@@ -79,3 +79,14 @@ def trained_model_dir(tmp_path_factory, data_dir):
     model_dir = str(tmp_path_factory.mktemp("model"))
     runner.train(tiny_config(model_dir, data_dir, export_during_training=True))
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def digits_images(tmp_path_factory):
+    """scikit-learn's digits as PNG class folders, written by scripts/make_digits.py."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from make_digits import write_digits
+
+    root = str(tmp_path_factory.mktemp("digits_images"))
+    write_digits(root)
+    return root

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import NUM_CLASSES, tiny_config
+from conftest import tiny_config
 from estimator_mnv2.data import build, input_fn, preprocessing, schema
 
 
@@ -194,15 +194,10 @@ def test_tfds_keys_and_slim_label_offset(tmp_path):
     assert labels == [0, 1, 2, 3, 4]
 
 
-def test_digits_are_written_as_class_folders(tmp_path):
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
-    from make_digits import write_digits
-
-    assert write_digits(str(tmp_path)) == 1797
-    assert sorted(os.listdir(tmp_path)) == [str(d) for d in range(10)]
-    info = build.build(str(tmp_path), str(tmp_path / "rec"), validation_fraction=0.2,
+def test_digits_are_written_as_class_folders(digits_images, tmp_path):
+    assert sorted(os.listdir(digits_images)) == [str(d) for d in range(10)]
+    assert sum(len(os.listdir(os.path.join(digits_images, d))) for d in range(10)) == 1797
+    info = build.build(digits_images, str(tmp_path / "rec"), validation_fraction=0.2,
                        log=lambda *_: None)
     assert info["num_examples"] == {"train": 1438, "validation": 359}
-    assert info["skipped"] == [] and NUM_CLASSES == 3
+    assert info["skipped"] == [] and info["num_classes"] == 10

@@ -7,6 +7,7 @@ enclosing variable scopes (the article's names), their L2 penalties land in
 """
 
 import dataclasses
+import re
 from typing import Optional
 
 import tensorflow as tf
@@ -29,8 +30,10 @@ class LayerDefaults:
     initializer: Optional[str] = None
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-    # Run batch norm in inference mode even while training (frozen statistics, fine-tuning).
-    freeze_bn: bool = False
+    # While training, only batch-norm layers whose scope matches this regex use batch
+    # statistics and update their moving averages; the others run in inference mode with
+    # their statistics kept (fine-tuning). None: all train.
+    bn_train_scopes: Optional[str] = None
 
 
 def _initializer(d: LayerDefaults):
@@ -86,9 +89,9 @@ def batch_norm(x, is_training, d: LayerDefaults, name="bn"):
     Variables `name/{gamma,beta,moving_mean,moving_variance}` (Keras's and tf.layers' names).
     While training it normalizes with the batch statistics and puts the moving-average updates
     (moving = momentum * moving + (1 - momentum) * batch) in UPDATE_OPS, which the train op
-    must run; otherwise, and with `d.freeze_bn`, it uses the moving statistics.
+    must run; otherwise, and outside `d.bn_train_scopes`, it uses the moving statistics.
     """
-    with v1.variable_scope(name):
+    with v1.variable_scope(name) as scope:
         c = x.shape[-1]
         gamma = v1.get_variable("gamma", [c], initializer=v1.ones_initializer())
         beta = v1.get_variable("beta", [c], initializer=v1.zeros_initializer())
@@ -97,7 +100,9 @@ def batch_norm(x, is_training, d: LayerDefaults, name="bn"):
                                       **stats)
         moving_var = v1.get_variable("moving_variance", [c], initializer=v1.ones_initializer(),
                                      **stats)
-        if not is_training or d.freeze_bn:
+        frozen = (d.bn_train_scopes is not None
+                  and not re.search(d.bn_train_scopes, scope.name))
+        if not is_training or frozen:
             y, _, _ = v1.nn.fused_batch_norm(x, gamma, beta, mean=moving_mean,
                                              variance=moving_var, epsilon=d.bn_epsilon,
                                              is_training=False)
