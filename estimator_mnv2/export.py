@@ -110,3 +110,90 @@ def error_summary(error):
     useful = [line for line in lines if line and not line.startswith(
         ("Graph execution error", "Detected at node", "Node:", "[[", "Original stack"))]
     return useful[0] if useful else lines[0]
+
+
+TFLITE_KINDS = ("float", "dynamic", "int8")
+
+
+def _inference_graph(cfg: Config, checkpoint):
+    """(graph, session, pixels [1, S, S, 3] float 0..255, probabilities) restored from
+    `checkpoint`, moving averages included when training kept them."""
+    from estimator_mnv2 import model_fn, optimization
+
+    graph = tf.Graph()
+    with graph.as_default():
+        pixels = v1.placeholder(tf.float32, [1, cfg.image_size, cfg.image_size, 3],
+                                name="pixels")
+        logits, _ = model_fn.network_outputs(preprocessing.to_unit_range(pixels), cfg, False)
+        probabilities = tf.nn.softmax(logits, name="probabilities")
+        saver = (optimization.averaged_weights_saver(cfg) if cfg.moving_average_decay > 0
+                 else v1.train.Saver())
+        session = v1.Session(graph=graph)
+        saver.restore(session, checkpoint)
+    return graph, session, pixels, probabilities
+
+
+def read_examples(cfg: Config, patterns, limit=None):
+    """(encoded images, model-input pixels [N, S, S, 3] float 0..255, labels) of the records in
+    `patterns`, in file order: the pixels are decode + preprocess_for_eval, undone back to
+    pixel values, i.e. exactly what the SavedModel feeds its network for those bytes."""
+    from estimator_mnv2.data import input_fn, schema
+
+    fmt = schema.RecordFormat(cfg.image_key, cfg.label_key, cfg.label_offset)
+    encoded, pixels, labels = [], [], []
+    for record in tf.data.TFRecordDataset(input_fn.resolve_files(patterns)).take(limit or -1):
+        image, label = schema.parse_example(record, fmt)
+        model_input = preprocessing.preprocess_for_eval(preprocessing.decode_image(image),
+                                                        cfg.image_size, cfg.eval_crop_fraction)
+        encoded.append(image.numpy())
+        pixels.append((model_input.numpy() + 1.0) * 127.5)
+        labels.append(int(label))
+    return encoded, np.stack(pixels), np.array(labels)
+
+
+def convert_tflite(cfg: Config, checkpoint, kind, output_path, representative=None):
+    """Writes a TFLite model taking pixels [1, S, S, 3] (0..255, already resized to S x S;
+    resize the input tensor for other batch sizes) and returning probabilities.
+
+    kind: 'float'; 'dynamic' (int8 weights, float activations); 'int8' (full integer: every
+    op int8, calibrated on `representative` pixels, float input and output).
+    """
+    if kind not in TFLITE_KINDS:
+        raise ValueError(f"--tflite: unknown kind {kind!r}; known: {', '.join(TFLITE_KINDS)}")
+    graph, session, pixels, probabilities = _inference_graph(cfg, checkpoint)
+    with graph.as_default():
+        converter = v1.lite.TFLiteConverter.from_session(session, [pixels], [probabilities])
+    if kind in ("dynamic", "int8"):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if kind == "int8":
+        if representative is None or not len(representative):
+            raise ValueError("int8 conversion needs representative images")
+        converter.representative_dataset = lambda: ([image[None]] for image in representative)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    data = converter.convert()
+    session.close()
+    tmp = output_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, output_path)
+    return output_path
+
+
+class TFLitePredictor:
+    """Runs a converted model on pixel batches ([N, S, S, 3], 0..255) -> probabilities."""
+
+    def __init__(self, path, num_threads=None):
+        self.interpreter = tf.lite.Interpreter(model_path=path, num_threads=num_threads)
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self._batch = None
+
+    def __call__(self, pixels):
+        pixels = np.asarray(pixels, np.float32)
+        if self._batch != len(pixels):
+            self.interpreter.resize_tensor_input(self.input["index"], pixels.shape)
+            self.interpreter.allocate_tensors()
+            self._batch = len(pixels)
+        self.interpreter.set_tensor(self.input["index"], pixels)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"])

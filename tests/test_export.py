@@ -144,3 +144,36 @@ def test_export_without_checkpoint_says_so(tmp_path, data_dir):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: --checkpoint: no checkpoint")
     assert not os.path.exists(os.path.join(cfg.model_dir, "export"))
+
+
+def test_tflite_float_agrees_with_saved_model(exported):
+    cfg, path, _ = exported
+    checkpoint = tf.train.latest_checkpoint(cfg.model_dir)
+    encoded, pixels, labels = export.read_examples(cfg, cfg.eval_files)
+    saved = export.Predictor(path)(encoded)
+    tflite = export.TFLitePredictor(export.convert_tflite(
+        cfg, checkpoint, "float", os.path.join(path, "model_float.tflite")))(pixels)
+    assert len(labels) == 6
+    assert tflite.argmax(1).tolist() == saved["classes"].tolist()  # 100% top-1 agreement
+    np.testing.assert_allclose(tflite, saved["probabilities"], atol=1e-4)
+
+
+def test_export_script_reports_tflite_sizes_and_agreement(trained_model_dir, tmp_path):
+    r = run_script("export.py", f"--model_dir={trained_model_dir}",
+                   f"--export_dir={tmp_path}", "--tflite=float,int8",
+                   "--calibration_images=8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()
+            if line.startswith(("saved_model.pb", "model_"))}
+    assert set(rows) == {"saved_model.pb", "model_float.tflite", "model_int8.tflite"}
+    assert rows["model_float.tflite"][1] == "100.00%"
+    assert 0 < int(rows["model_int8.tflite"][0]) < int(rows["model_float.tflite"][0])
+    exported_dir = glob.glob(os.path.join(str(tmp_path), "*", "model_int8.tflite"))
+    assert len(exported_dir) == 1
+
+
+def test_unknown_tflite_kind_is_refused(trained_model_dir, tmp_path):
+    r = run_script("export.py", f"--model_dir={trained_model_dir}",
+                   f"--export_dir={tmp_path}", "--tflite=int4")
+    assert r.returncode == 2 and "--tflite: unknown kind 'int4'" in r.stderr
+    assert os.listdir(tmp_path) == []
