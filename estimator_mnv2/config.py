@@ -60,6 +60,7 @@ class Config:
     image_key: str = "image/encoded"
     label_key: str = "image/class/label"
     label_offset: int = 0
+    skip_corrupt_records: bool = False
     class_names: Tuple[str, ...] = ()
 
     # Optimization.

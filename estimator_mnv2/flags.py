@@ -38,6 +38,9 @@ _HELP = {
     "image_key": "Feature key of the encoded image (TFDS records: 'image').",
     "label_key": "Feature key of the label (TFDS records: 'label').",
     "label_offset": "Subtracted from stored labels (1 for slim ImageNet shards, 0=background).",
+    "skip_corrupt_records": "Skip unreadable records and undecodable images with a warning "
+                            "instead of stopping (a corrupt record also loses the rest of "
+                            "its shard).",
     "class_names": "Class names (default: labels.txt in --data_dir).",
     "optimizer": "rmsprop (the paper), momentum, sgd or adam.",
     "learning_rate": "Base learning rate.",
@@ -125,10 +128,11 @@ def config_from_flags(base: Config = None):
     return cfg
 
 
-def fail(error: Exception):
-    """One line naming the flag or file and the reason, exit code 2, nothing written."""
+def fail(error: Exception, code=2):
+    """One line naming the flag or file and the reason; exit code 2 for bad input (nothing
+    written), 1 for a training failure, 128 + signal for an interruption."""
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 

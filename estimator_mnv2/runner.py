@@ -2,17 +2,20 @@
 
 import json
 import os
+import signal
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from estimator_mnv2 import config as config_lib
-from estimator_mnv2 import export, warm_start
+from estimator_mnv2 import export, guard, warm_start
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import build as build_lib
 from estimator_mnv2.data import input_fn as input_lib
 from estimator_mnv2.model_fn import model_fn
+
+v1 = tf.compat.v1
 
 
 def with_data_dir(cfg: Config, data_dir):
@@ -38,7 +41,8 @@ def prepare_model_dir(cfg: Config):
     warm_start.json). Returns the WarmStartSettings, or None.
 
     Raises ConfigError (nothing written) for a model_dir whose saved config has another
-    architecture, and for a warm start that cannot apply (see warm_start.plan).
+    architecture, and for a warm start that cannot apply (see warm_start.plan); TrainingError
+    when another training process holds the model_dir.
     """
     saved = config_lib.load(cfg.model_dir)
     if saved is not None:
@@ -47,6 +51,7 @@ def prepare_model_dir(cfg: Config):
     if cfg.warm_start_from:
         settings, report = warm_start.plan(cfg)
         logging.info("%s", warm_start.summary(report))
+    guard.acquire_lock(cfg.model_dir)  # the first write; released when fit() ends
     config_lib.save(cfg, cfg.model_dir)
     if settings is not None:
         write_json(report, os.path.join(cfg.model_dir, warm_start.REPORT_FILE))
@@ -74,22 +79,79 @@ def fit(cfg: Config, warm_start_from=None):
     """Trains to cfg.max_steps (resuming from model_dir's last checkpoint), evaluating every
     cfg.eval_every_steps in train_and_evaluate mode (and exporting the best and the latest
     model with cfg.export_during_training). Returns the last evaluation's metrics (or None in
-    train mode)."""
+    train mode).
+
+    Raises:
+      guard.Interrupted after SIGINT/SIGTERM (a checkpoint of the last step is saved);
+      guard.TrainingError for NaN loss (the last good checkpoint is kept), unreadable shards
+      and bad records, each named.
+    """
     estimator = make_estimator(cfg, warm_start_from)
     train_input = input_lib.make_input_fn(cfg.train_files, True, cfg)
-    if cfg.mode == "train":
-        estimator.train(train_input, max_steps=cfg.max_steps)
-        return None
-    eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
-    exporters = export.training_exporters(cfg) if cfg.export_during_training else []
-    # Each evaluation reads the checkpoint saved every eval_every_steps; throttle_secs=0 lets
-    # every one of them be evaluated instead of one per 10 minutes.
-    train_spec = tf.estimator.TrainSpec(train_input, max_steps=cfg.max_steps)
-    eval_spec = tf.estimator.EvalSpec(eval_input, steps=cfg.eval_steps or None,
-                                      exporters=exporters, start_delay_secs=0,
-                                      throttle_secs=0)
-    result = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
-    return printable_metrics(result[0]) if result and result[0] else None
+    stop = guard.StopOnSignalHook()
+    try:
+        if cfg.mode == "train":
+            estimator.train(train_input, max_steps=cfg.max_steps, hooks=[stop])
+            result = None
+        else:
+            eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
+            exporters = export.training_exporters(cfg) if cfg.export_during_training else []
+            # Each evaluation reads the checkpoint saved every eval_every_steps; throttle_secs=0
+            # lets every one of them be evaluated instead of one per 10 minutes.
+            train_spec = tf.estimator.TrainSpec(train_input, max_steps=cfg.max_steps,
+                                                hooks=[stop])
+            eval_spec = tf.estimator.EvalSpec(eval_input, steps=cfg.eval_steps or None,
+                                              exporters=exporters, start_delay_secs=0,
+                                              throttle_secs=0)
+            out = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+            result = printable_metrics(out[0]) if out and out[0] else None
+    except v1.train.NanLossDuringTrainingError:
+        raise guard.TrainingError(
+            f"the loss became NaN or Inf; training stopped and the last good checkpoint "
+            f"({tf.train.latest_checkpoint(cfg.model_dir)}) is kept. Try a lower "
+            f"--learning_rate (now {cfg.learning_rate}), --warmup_epochs 1, "
+            f"--clip_gradient_norm 5, or check the data.") from None
+    except tf.errors.DataLossError:
+        files = input_lib.resolve_files(cfg.train_files) + input_lib.resolve_files(
+            cfg.eval_files)
+        bad = "; ".join(f"{f}: {why}" for f, why in input_lib.find_corrupt_files(files))
+        raise guard.TrainingError(
+            f"unreadable TFRecords ({bad or 'shard not found again'}). Rebuild them with "
+            f"scripts/build_tfrecords.py, or pass --skip_corrupt_records to skip bad "
+            f"records.") from None
+    except tf.errors.InvalidArgumentError as e:
+        if ("Could not parse example input" in e.message
+                or "is required but could not be found" in e.message):
+            raise guard.TrainingError(_not_examples(cfg)) from None
+        if "in shard" not in e.message and "Shard, label" not in e.message:
+            raise
+        raise guard.TrainingError(input_error_summary(e)) from None
+    except UnicodeDecodeError:
+        # TF 2.15 echoes an unparsable record's bytes in its error, and Python then fails to
+        # decode the message itself.
+        raise guard.TrainingError(_not_examples(cfg)) from None
+    finally:
+        guard.release_lock(cfg.model_dir)
+    if stop.signum is not None:
+        raise guard.Interrupted(stop.signum, (
+            f"stopped by {signal.Signals(stop.signum).name} at "
+            f"{tf.train.latest_checkpoint(cfg.model_dir)} (checkpoint saved); run the same "
+            f"command again to resume"))
+    return result
+
+
+def _not_examples(cfg):
+    files = ", ".join(cfg.train_files + cfg.eval_files)
+    return (f"a record in {files} is not a tf.train.Example with the keys {cfg.image_key!r} and "
+            f"{cfg.label_key!r}: rebuild the shards with scripts/build_tfrecords.py, set "
+            f"--image_key/--label_key, or pass --skip_corrupt_records")
+
+
+def input_error_summary(error):
+    """'label out of range ... Shard, label: <file> <label>' from a tf.data assertion."""
+    text = error.message.split("assertion failed:")[-1]
+    parts = [p.strip(" []\n") for p in text.split("] [")]
+    return " ".join(p for p in parts if p).split("\n")[0]
 
 
 def evaluate(cfg: Config, checkpoint_path=None, eval_files=None, name=None):

@@ -18,16 +18,21 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from estimator_mnv2 import runner
+    from estimator_mnv2 import guard, runner
 
     try:
         cfg = flag_lib.config_from_flags().validate()
         warm_start = runner.prepare_model_dir(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, guard.TrainingError) as e:
         flag_lib.fail(e)
     logging.info("training %s (width %s) on %d classes to step %d in %s", cfg.network,
                  cfg.width, cfg.num_classes, cfg.max_steps, cfg.model_dir)
-    metrics = runner.fit(cfg, warm_start)
+    try:
+        metrics = runner.fit(cfg, warm_start)
+    except guard.TrainingError as e:
+        flag_lib.fail(e, code=1)
+    except guard.Interrupted as e:
+        flag_lib.fail(e, code=128 + e.signum)
     if metrics:
         print("final evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     print(f"TensorBoard: tensorboard --logdir {cfg.model_dir}")

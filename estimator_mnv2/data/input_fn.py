@@ -26,12 +26,36 @@ def resolve_files(patterns):
     return sorted(set(files))
 
 
-def _check_label(label, num_classes, source):
+# Leading bytes of the formats decode_image reads; anything else is refused with the shard named.
+_MAGIC = ((b"\xff\xd8\xff", 3), (b"\x89PNG", 4), (b"GIF8", 4), (b"BM", 2))
+
+
+def _check_image(encoded, filename):
+    ok = tf.reduce_any([tf.equal(tf.strings.substr(encoded, 0, n), magic) for magic, n in _MAGIC])
+    message = "record with image bytes that are not JPEG, PNG, GIF or BMP in shard"
+    with tf.control_dependencies([tf.debugging.Assert(ok, [message, filename])]):
+        return tf.identity(encoded)
+
+
+def _check_label(label, num_classes, filename):
     ok = tf.logical_and(label >= 0, label < num_classes)
-    message = (f"label out of range [0, num_classes={num_classes}) in records from {source}; "
-               f"check --num_classes and --label_offset. Label:")
-    with tf.control_dependencies([tf.debugging.Assert(ok, [message, label])]):
+    message = (f"label out of range [0, num_classes={num_classes}); check --num_classes and "
+               f"--label_offset. Shard, label:")
+    with tf.control_dependencies([tf.debugging.Assert(ok, [message, filename, label])]):
         return tf.identity(label)
+
+
+def find_corrupt_files(files):
+    """[(file, error)] for the TFRecord files whose records cannot be read (truncated shard,
+    flipped bytes): TensorFlow's own read error does not say which file it was."""
+    corrupt = []
+    for f in files:
+        try:
+            for _ in tf.data.TFRecordDataset(f):
+                pass
+        except tf.errors.DataLossError as e:
+            corrupt.append((f, e.message.split("}}")[-1].split("[Op:")[0].strip()))
+    return corrupt
 
 
 def make_input_fn(patterns, training, config, num_epochs=None):
@@ -40,19 +64,22 @@ def make_input_fn(patterns, training, config, num_epochs=None):
     Args:
       patterns: file pattern(s) of TFRecord shards (see resolve_files).
       training: shuffle, augment, repeat and drop the last partial batch; else one ordered pass.
-      config: estimator_mnv2.config.Config (image size, batch sizes, record keys, num_classes).
+      config: estimator_mnv2.config.Config (image size, batch sizes, record keys, num_classes,
+        skip_corrupt_records).
       num_epochs: passes over the data when training (None: forever).
     Batch size: `config.batch_size` is the global batch; under a tf.distribute strategy each
     replica's pipeline yields batch_size / replicas.
+    Errors: an image that is not JPEG/PNG/GIF/BMP and a label out of range stop the pipeline
+    with the shard named; with `config.skip_corrupt_records` unreadable records and images are
+    skipped with a warning instead (a label out of range is always an error).
     """
     files = resolve_files(patterns)
-    source = patterns if isinstance(patterns, str) else ",".join(patterns)
     fmt = schema.RecordFormat(config.image_key, config.label_key, config.label_offset)
     global_batch = config.batch_size if training else config.eval_batch_size
 
-    def parse(serialized):
+    def parse(serialized, filename):
         encoded, label = schema.parse_example(serialized, fmt)
-        image = preprocessing.decode_image(encoded)
+        image = preprocessing.decode_image(_check_image(encoded, filename))
         if training:
             image = preprocessing.preprocess_for_train(
                 image, config.image_size, area_range=(config.crop_area_min, 1.0),
@@ -60,7 +87,13 @@ def make_input_fn(patterns, training, config, num_epochs=None):
         else:
             image = preprocessing.preprocess_for_eval(image, config.image_size,
                                                       config.eval_crop_fraction)
-        return {"image": image}, _check_label(label, config.num_classes, source)
+        return image, label, filename
+
+    def check_label(image, label, filename):
+        return {"image": image}, _check_label(label, config.num_classes, filename)
+
+    def read(filename):  # records with the shard they come from, for error messages
+        return tf.data.TFRecordDataset(filename).map(lambda record: (record, filename))
 
     def input_fn(params=None, input_context=None):
         del params
@@ -77,7 +110,7 @@ def make_input_fn(patterns, training, config, num_epochs=None):
                     shard_records = True
         if training:
             ds = ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=True)
-        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+        ds = ds.interleave(read, cycle_length=min(len(files), 8),
                            num_parallel_calls=AUTOTUNE, deterministic=not training)
         if shard_records:
             ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
@@ -86,6 +119,9 @@ def make_input_fn(patterns, training, config, num_epochs=None):
         if training:
             ds = ds.shuffle(config.shuffle_buffer, seed=config.seed).repeat(num_epochs)
         ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=not training)
+        if config.skip_corrupt_records:
+            ds = ds.ignore_errors(log_warning=True)
+        ds = ds.map(check_label, num_parallel_calls=AUTOTUNE, deterministic=not training)
         ds = ds.batch(batch, drop_remainder=training)
         return ds.prefetch(AUTOTUNE)
 

@@ -1,0 +1,121 @@
+"""What keeps a training run's work safe: a model_dir lock, clean stops on signals, and errors
+that say what went wrong instead of a TensorFlow stack trace."""
+
+import atexit
+import json
+import os
+import signal
+import socket
+import time
+
+import tensorflow as tf
+from absl import logging
+
+v1 = tf.compat.v1
+
+LOCK_FILE = "train.lock"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on a problem the user can fix; the message says how."""
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(model_dir):
+    """Takes model_dir/train.lock for this process, or raises naming the process that has it.
+
+    A lock left by a process that no longer runs (killed, crashed) on this host is taken over;
+    one from another host is only reported, since its process cannot be checked from here.
+    Re-entrant for the same process; released by release_lock or at exit.
+    """
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, LOCK_FILE)
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    other = json.load(f)
+            except (OSError, ValueError):
+                other = {}
+            if other.get("pid") == me["pid"] and other.get("host") == me["host"]:
+                return path
+            if other.get("host") == me["host"] and not _alive(int(other.get("pid", -1))):
+                logging.warning("taking over %s left by process %s, which no longer runs",
+                                path, other.get("pid"))
+                os.remove(path)
+                continue
+            if not other:  # being written right now by another process
+                time.sleep(0.2)
+                continue
+            raise TrainingError(
+                f"{model_dir} is in use by another training process (pid {other.get('pid')} on "
+                f"{other.get('host')}, started {other.get('started')}); wait for it, stop it, "
+                f"or use another --model_dir (if that process is gone, delete {path})") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(release_lock, model_dir)
+        return path
+    raise TrainingError(f"could not take {path}")
+
+
+def release_lock(model_dir):
+    path = os.path.join(model_dir, LOCK_FILE)
+    try:
+        with open(path) as f:
+            mine = json.load(f).get("pid") == os.getpid()
+        if mine:
+            os.remove(path)
+    except (OSError, ValueError):
+        pass
+
+
+class StopOnSignalHook(v1.train.SessionRunHook):
+    """On SIGINT or SIGTERM, finishes the current step and stops training; the Estimator then
+    saves a checkpoint of that step. A second signal acts at once (default handling)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signum = signum
+        logging.warning("%s received: stopping after this step and saving a checkpoint "
+                        "(send it again to stop at once)", signal.Signals(signum).name)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def begin(self):
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def after_run(self, run_context, run_values):
+        if self.signum is not None:
+            run_context.request_stop()
+
+    def end(self, session):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
