@@ -47,6 +47,13 @@ def prepare_model_dir(cfg: Config):
     saved = config_lib.load(cfg.model_dir)
     if saved is not None:
         config_lib.check_compatible(saved, cfg)
+    for field in ("train_files", "eval_files"):
+        needed = field == "train_files" or cfg.mode != "train"
+        if needed:
+            try:
+                input_lib.resolve_files(getattr(cfg, field))
+            except FileNotFoundError as e:
+                raise config_lib.ConfigError(field, str(e)) from None
     settings = None
     if cfg.warm_start_from:
         settings, report = warm_start.plan(cfg)
