@@ -1,0 +1,174 @@
+"""Measurements behind scripts/benchmark.py: our pipeline against Keras, in one process.
+
+Each function returns plain numbers; contenders are alternated by the caller (A B A B) so that
+machine noise hits both alike.
+"""
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from estimator_mnv2 import export, model_fn, runner
+from estimator_mnv2.config import Config
+from estimator_mnv2.data import build as build_lib
+from estimator_mnv2.data import input_fn as input_lib
+
+v1 = tf.compat.v1
+
+
+def synthetic_dataset(cfg: Config, keras=False):
+    """One random batch repeated: measures the network, not the input pipeline."""
+    rng = np.random.RandomState(0)
+    images = rng.uniform(-1, 1, (cfg.batch_size, cfg.image_size, cfg.image_size, 3))
+    labels = rng.randint(0, cfg.num_classes, cfg.batch_size)
+    features = tf.constant(images, tf.float32) if keras else {"image": tf.constant(images,
+                                                                                   tf.float32)}
+    return tf.data.Dataset.from_tensors((features, tf.constant(labels, tf.int64))).repeat()
+
+
+class _StepTimes(v1.train.SessionRunHook):
+    def __init__(self):
+        self.times = []
+
+    def after_run(self, run_context, run_values):
+        self.times.append(time.perf_counter())
+
+
+def steady_rate(times, batch_size, warmup):
+    """Images/s over the steps after `warmup` (graph set-up and first-step costs excluded)."""
+    t = times[warmup:]
+    return batch_size * (len(t) - 1) / (t[-1] - t[0])
+
+
+def estimator_train_rate(cfg: Config, steps, warmup=3):
+    """Training images/s of our Estimator on synthetic data (a fresh model_dir)."""
+    with tempfile.TemporaryDirectory() as model_dir:
+        cfg = Config(**{**cfg.to_params(), "model_dir": model_dir,
+                        "save_checkpoints_steps": 10 ** 9, "log_every_steps": 10 ** 9})
+        hook = _StepTimes()
+        runner.make_estimator(cfg).train(lambda: synthetic_dataset(cfg),
+                                         steps=steps + warmup, hooks=[hook])
+    return steady_rate(hook.times, cfg.batch_size, warmup)
+
+
+def keras_model(cfg: Config, bn_momentum=None):
+    model = tf.keras.applications.MobileNetV2(
+        weights=None, alpha=cfg.width, classes=cfg.num_classes,
+        input_shape=(cfg.image_size, cfg.image_size, 3))
+    if bn_momentum is not None:
+        for layer in model.layers:
+            if isinstance(layer, tf.keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
+    return model
+
+
+def keras_train_rate(cfg: Config, steps, warmup=3):
+    """Training images/s of Keras model.fit on applications.MobileNetV2, same data."""
+    tf.keras.backend.clear_session()
+    model = keras_model(cfg)
+    model.compile(tf.keras.optimizers.Adam(cfg.learning_rate),
+                  tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    times = []
+    callback = tf.keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: times.append(time.perf_counter()))
+    model.fit(synthetic_dataset(cfg, keras=True), steps_per_epoch=steps + warmup, epochs=1,
+              verbose=0, callbacks=[callback])
+    return steady_rate(times, cfg.batch_size, warmup)
+
+
+def forward_flops(cfg: Config):
+    """Multiply-adds x 2 of one image through the network (TF's own op statistics)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images = v1.placeholder(tf.float32, [1, cfg.image_size, cfg.image_size, 3])
+        model_fn.network_outputs(images, cfg, False)
+        opts = v1.profiler.ProfileOptionBuilder.float_operation()
+        opts["output"] = "none"
+        return v1.profiler.profile(graph, options=opts).total_float_ops
+
+
+def matmul_gflops(n=2048, repeats=10):
+    """float32 n x n matmul GFLOP/s on this machine: the reference roof."""
+    a = tf.random.uniform([n, n])
+    b = tf.random.uniform([n, n])
+    (a @ b).numpy()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        c = a @ b
+    c.numpy()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def write_jpeg_records(folder, count, size, num_classes):
+    """Random-content JPEG class folders built into TFRecords with our builder."""
+    rng = np.random.RandomState(0)
+    images = os.path.join(folder, "images")
+    for i in range(count):
+        d = os.path.join(images, f"c{i % num_classes}")
+        os.makedirs(d, exist_ok=True)
+        pixels = rng.randint(0, 256, (size, size, 3)).astype(np.uint8)
+        with open(os.path.join(d, f"{i}.jpg"), "wb") as f:
+            f.write(tf.io.encode_jpeg(pixels, quality=90).numpy())
+    out = os.path.join(folder, "records")
+    build_lib.build(images, out, validation_fraction=0.0, num_shards=(4, 1),
+                    log=lambda *_: None)
+    return os.path.join(out, "train-*")
+
+
+def input_rate(cfg: Config, pattern, batches=60, warmup=5):
+    """Images/s the training input_fn delivers (parse, decode, crop, flip, batch)."""
+    ds = input_lib.make_input_fn(pattern, True, cfg)()
+    times = []
+    for i, _ in enumerate(ds):
+        times.append(time.perf_counter())
+        if i + 1 >= batches + warmup:
+            break
+    return steady_rate(times, cfg.batch_size, warmup)
+
+
+def latency_and_throughput(fn, single, batch, repeats):
+    """(batch-1 latency in ms, median over repeats; batch images/s)."""
+    fn(single)
+    fn(batch)
+    lat = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(single)
+        lat.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(max(1, repeats // 4)):
+        fn(batch)
+    rate = len(batch) * max(1, repeats // 4) / (time.perf_counter() - start)
+    return 1000 * float(np.median(lat)), rate
+
+
+def serving_contenders(cfg: Config, work_dir):
+    """{name: callable(pixels [N, S, S, 3] 0..255) -> probabilities} for every serving path."""
+    model_dir = os.path.join(work_dir, "serve_model")
+    cfg = Config(**{**cfg.to_params(), "model_dir": model_dir, "log_every_steps": 10 ** 9})
+    runner.make_estimator(cfg).train(lambda: synthetic_dataset(cfg), steps=1)
+    checkpoint = tf.train.latest_checkpoint(model_dir)
+    # BN folding and the pixel path need the moving statistics to be non-trivial: 1 step is
+    # enough for a speed measurement.
+    saved = export.export_saved_model(runner.make_estimator(cfg), cfg,
+                                      os.path.join(work_dir, "export"), checkpoint)
+    predictor = export.Predictor(saved, export.PIXELS_SIGNATURE)
+    contenders = {"ours: SavedModel (Session)": lambda x: predictor(x)["probabilities"]}
+
+    keras = keras_model(cfg)
+    keras_fn = tf.function(lambda x: keras(x / 127.5 - 1.0, training=False))
+    contenders["Keras tf.function"] = lambda x: keras_fn(tf.constant(x)).numpy()
+    contenders["Keras predict"] = lambda x: keras.predict(x / 127.5 - 1.0, verbose=0,
+                                                          batch_size=len(x))
+    calibration = np.random.RandomState(1).uniform(0, 255, (16, cfg.image_size,
+                                                            cfg.image_size, 3))
+    for kind in export.TFLITE_KINDS:
+        path = export.convert_tflite(cfg, checkpoint, kind,
+                                     os.path.join(work_dir, f"{kind}.tflite"),
+                                     calibration.astype(np.float32))
+        lite = export.TFLitePredictor(path, num_threads=os.cpu_count())
+        contenders[f"ours: TFLite {kind}"] = lite
+    return contenders

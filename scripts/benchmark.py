@@ -1,0 +1,132 @@
+"""Our pipeline against Keras in one run: training, input pipeline, FLOP/s, serving.
+
+  python scripts/benchmark.py                       # all parts, 128 px, batch 32, width 1.0
+  python scripts/benchmark.py --what train --image_size 224 --rounds 3
+  python scripts/benchmark.py --what serve --json
+
+Contenders alternate (A B A B ...) for --rounds rounds; the table shows the median and the
+spread (min-max) of each, the ratio against Keras, and one JSON line at the end.
+"""
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+from absl import app, flags
+
+from estimator_mnv2 import flags as flag_lib
+
+flags.DEFINE_list("what", ["train", "input", "flops", "serve"],
+                  "Parts to run: train, input, flops, serve.")
+flags.DEFINE_integer("image_size", 128, "Input size in pixels.")
+flags.DEFINE_integer("batch_size", 32, "Training and serving batch size.")
+flags.DEFINE_float("width", 1.0, "Width multiplier.")
+flags.DEFINE_integer("num_classes", 1000, "Classes.")
+flags.DEFINE_integer("steps", 10, "Timed training steps per trial (after 3 warm-up steps).")
+flags.DEFINE_integer("rounds", 2, "A B A B rounds per part.")
+flags.DEFINE_integer("serve_repeats", 40, "Batch-1 calls timed per serving trial.")
+flags.DEFINE_bool("json", False, "Print only the JSON line.")
+FLAGS = flags.FLAGS
+
+
+def alternate(contenders, rounds):
+    """{name: [result per round]}, running the contenders in turn each round."""
+    results = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            results[name].append(fn())
+    return results
+
+
+def row(name, values, unit, reference=None):
+    median = statistics.median(values)
+    ratio = f"{median / reference:6.2f}x" if reference else ""
+    return (f"  {name:<34} {median:9.1f} {unit:<9} (spread {min(values):.1f}-{max(values):.1f})"
+            f"  {ratio}")
+
+
+def main(argv):
+    del argv
+    import numpy as np
+
+    from estimator_mnv2 import benchmark
+    from estimator_mnv2.config import Config
+
+    base = Config(model_dir="unused", network="mobilenet_v2", width=FLAGS.width,
+                  num_classes=FLAGS.num_classes, image_size=FLAGS.image_size,
+                  batch_size=FLAGS.batch_size, optimizer="adam", learning_rate=0.001,
+                  lr_schedule="constant", train_steps=1)
+    article = Config(**{**base.to_params(), "network": "mobilenet_v2_article"})
+    out = {"image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size,
+           "width": FLAGS.width, "num_classes": FLAGS.num_classes}
+    say = (lambda *a: None) if FLAGS.json else print
+    say(f"MobileNetV2 width {FLAGS.width}, {FLAGS.image_size} px, batch {FLAGS.batch_size}, "
+        f"{FLAGS.num_classes} classes, float32, {os.cpu_count()} CPUs; "
+        f"median of {FLAGS.rounds} alternated rounds")
+    train = None
+    if "train" in FLAGS.what or "input" in FLAGS.what or "flops" in FLAGS.what:
+        train = alternate({
+            "ours: paper (Estimator)": lambda: benchmark.estimator_train_rate(base, FLAGS.steps),
+            "ours: article (Estimator)": lambda: benchmark.estimator_train_rate(article,
+                                                                                FLAGS.steps),
+            "Keras model.fit": lambda: benchmark.keras_train_rate(base, FLAGS.steps),
+        }, FLAGS.rounds)
+        keras = statistics.median(train["Keras model.fit"])
+        say("training images/s (ratio to Keras model.fit):")
+        for name, values in train.items():
+            say(row(name, values, "images/s", keras))
+        out["train_images_per_s"] = {k: statistics.median(v) for k, v in train.items()}
+        out["train_ratio_paper_vs_keras"] = (
+            statistics.median(train["ours: paper (Estimator)"]) / keras)
+    if "input" in FLAGS.what:
+        with tempfile.TemporaryDirectory() as tmp:
+            pattern = benchmark.write_jpeg_records(tmp, 512, int(FLAGS.image_size * 1.25), 10)
+            cfg = Config(**{**base.to_params(), "num_classes": 10})
+            rates = [benchmark.input_rate(cfg, pattern) for _ in range(FLAGS.rounds)]
+        consumed = statistics.median(train["ours: paper (Estimator)"])
+        say("input pipeline (JPEG TFRecords -> decode, random crop, flip, batch):")
+        say(row("input_fn", rates, "images/s", consumed) + "  of what training consumes")
+        out["input_images_per_s"] = statistics.median(rates)
+        out["input_ratio_vs_training"] = out["input_images_per_s"] / consumed
+    if "flops" in FLAGS.what:
+        flops = benchmark.forward_flops(base)
+        # A training step is about 3 forward passes (forward, input and weight gradients).
+        achieved = 3 * flops * statistics.median(train["ours: paper (Estimator)"]) / 1e9
+        roof = statistics.median(benchmark.matmul_gflops() for _ in range(3))
+        say(f"compute: {flops / 2e6:.1f}M multiply-adds per image forward; training achieves "
+            f"{achieved:.1f} GFLOP/s = {achieved / roof:.0%} of a 2048x2048 float32 matmul "
+            f"({roof:.0f} GFLOP/s)")
+        out.update(forward_mmadds=flops / 2, train_gflops=achieved, matmul_gflops=roof)
+    if "serve" in FLAGS.what:
+        with tempfile.TemporaryDirectory() as tmp:
+            contenders = benchmark.serving_contenders(base, tmp)
+            rng = np.random.RandomState(0)
+            shape = (FLAGS.image_size, FLAGS.image_size, 3)
+            single = rng.uniform(0, 255, (1,) + shape).astype(np.float32)
+            batch = rng.uniform(0, 255, (FLAGS.batch_size,) + shape).astype(np.float32)
+            serve = alternate({name: (lambda fn=fn: benchmark.latency_and_throughput(
+                fn, single, batch, FLAGS.serve_repeats)) for name, fn in contenders.items()},
+                FLAGS.rounds)
+        keras_latency = statistics.median(v[0] for v in serve["Keras tf.function"])
+        keras_rate = statistics.median(v[1] for v in serve["Keras tf.function"])
+        say("serving, batch-1 latency (ratio to Keras tf.function; lower is better):")
+        for name, values in serve.items():
+            say(row(name, [v[0] for v in values], "ms", keras_latency))
+        say(f"serving, batch-{FLAGS.batch_size} throughput (ratio to Keras tf.function):")
+        for name, values in serve.items():
+            say(row(name, [v[1] for v in values], "images/s", keras_rate))
+        out["serving"] = {name: {"batch1_ms": statistics.median(v[0] for v in values),
+                                 "batch_images_per_s": statistics.median(v[1] for v in values)}
+                          for name, values in serve.items()}
+    print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    flag_lib.setup_logging()
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    sys.exit(app.run(main))
