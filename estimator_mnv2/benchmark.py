@@ -80,13 +80,16 @@ def keras_train_rate(cfg: Config, steps, warmup=3):
 
 
 def forward_flops(cfg: Config):
-    """Multiply-adds x 2 of one image through the network (TF's own op statistics)."""
+    """2 x the multiply-adds of one image through the network's convolutions and matmuls
+    (TF's own op statistics; batch norm, activations and adds left out, as in the paper's
+    300M figure)."""
     graph = tf.Graph()
     with graph.as_default():
         images = v1.placeholder(tf.float32, [1, cfg.image_size, cfg.image_size, 3])
         model_fn.network_outputs(images, cfg, False)
         opts = v1.profiler.ProfileOptionBuilder.float_operation()
         opts["output"] = "none"
+        opts["account_type_regexes"] = ["Conv2D", "DepthwiseConv2dNative", "MatMul"]
         return v1.profiler.profile(graph, options=opts).total_float_ops
 
 
@@ -172,3 +175,51 @@ def serving_contenders(cfg: Config, work_dir):
         lite = export.TFLitePredictor(path, num_threads=os.cpu_count())
         contenders[f"ours: TFLite {kind}"] = lite
     return contenders
+
+
+def _first_eval_reaching(model_dir, target):
+    """(wall time, step) of the first evaluation in model_dir/eval with top-1 >= target."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(os.path.join(model_dir, "eval"))
+    acc.Reload()
+    for event in acc.Scalars("accuracy"):
+        if event.value >= target:
+            return event.wall_time, event.step
+    return None, None
+
+
+def ours_time_to_accuracy(cfg: Config, target):
+    """Seconds from the start of training (model_fn, input pipeline and all) to the first
+    evaluation at or above `target` top-1, with train_and_evaluate; None if never reached."""
+    with tempfile.TemporaryDirectory() as model_dir:
+        cfg = Config(**{**cfg.to_params(), "model_dir": model_dir,
+                        "export_during_training": False})
+        start = time.time()
+        runner.train(cfg)
+        reached, step = _first_eval_reaching(model_dir, target)
+    return (reached - start if reached else None), step
+
+
+def keras_time_to_accuracy(cfg: Config, target, epochs):
+    """The same for Keras model.fit on applications.MobileNetV2 (BN momentum 0.9, Adam at
+    cfg.learning_rate, validation every epoch), fed by the same input pipelines."""
+    tf.keras.backend.clear_session()
+    start = time.time()
+    model = keras_model(cfg, bn_momentum=0.9)
+    model.compile(tf.keras.optimizers.Adam(cfg.learning_rate),
+                  tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    unpack = lambda features, labels: (features["image"], labels)
+    train = input_lib.make_input_fn(cfg.train_files, True, cfg)().map(unpack)
+    val = input_lib.make_input_fn(cfg.eval_files, False, cfg)().map(unpack)
+    reached = {}
+
+    def on_epoch_end(epoch, logs):
+        if logs["val_accuracy"] >= target and not reached:
+            reached["time"] = time.time() - start
+            reached["step"] = (epoch + 1) * cfg.steps_per_epoch
+            model.stop_training = True
+
+    model.fit(train, validation_data=val, epochs=epochs, steps_per_epoch=cfg.steps_per_epoch,
+              verbose=0, callbacks=[tf.keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)])
+    return reached.get("time"), reached.get("step")

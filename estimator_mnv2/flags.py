@@ -96,25 +96,26 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _TYPES = typing.get_type_hints(Config)
 
 
-def define_config_flags(extra_data_flag=True):
+def define_config_flags(flag_values=FLAGS):
+    """Defines one flag per Config field, plus --data_dir, in `flag_values`."""
     for name, field in _FIELDS.items():
         define, _ = _flag_kind(_TYPES[name])
         default = field.default
         if isinstance(default, tuple):
             default = list(default)
-        define(name, default, _HELP[name])
-    if extra_data_flag:
-        flags.DEFINE_string("data_dir", None,
-                            "Output folder of build_tfrecords.py: sets --train_files, "
-                            "--eval_files, --num_classes and class names from it.")
+        define(name, default, _HELP[name], flag_values=flag_values)
+    flags.DEFINE_string("data_dir", None,
+                        "Output folder of build_tfrecords.py: sets --train_files, "
+                        "--eval_files, --num_classes and class names from it.",
+                        flag_values=flag_values)
 
 
-def config_from_flags(base: Config = None):
+def config_from_flags(base: Config = None, flag_values=FLAGS):
     """Config from the flags; with `base` (a model_dir's saved config) only the flags given on
     the command line override it."""
     values = {}
     for name in _FIELDS:
-        flag = FLAGS[name]
+        flag = flag_values[name]
         if base is not None and not flag.present:
             continue
         value = flag.value
@@ -122,10 +123,19 @@ def config_from_flags(base: Config = None):
             value = _flag_kind(_TYPES[name])[1](value)
         values[name] = value
     cfg = Config(**{**(base.to_params() if base else {}), **values})
-    if "data_dir" in FLAGS and FLAGS.data_dir:
+    if "data_dir" in flag_values and flag_values.data_dir:
         from estimator_mnv2 import runner
-        cfg = runner.with_data_dir(cfg, FLAGS.data_dir)
+        cfg = runner.with_data_dir(cfg, flag_values.data_dir)
     return cfg
+
+
+def config_from_flagfile(path, **overrides):
+    """The Config that `train.py --flagfile=path` would use, with field overrides."""
+    flag_values = flags.FlagValues()
+    define_config_flags(flag_values)
+    flag_values(["config", f"--flagfile={path}"])
+    cfg = config_from_flags(flag_values=flag_values)
+    return Config(**{**cfg.to_params(), **overrides})
 
 
 def fail(error: Exception, code=2):

@@ -19,7 +19,13 @@ from absl import app, flags
 from estimator_mnv2 import flags as flag_lib
 
 flags.DEFINE_list("what", ["train", "input", "flops", "serve"],
-                  "Parts to run: train, input, flops, serve.")
+                  "Parts to run: train, input, flops, serve, ttv (time to a validated model "
+                  "on the digits data, a few minutes).")
+flags.DEFINE_string("digits_flags", "configs/digits.flags",
+                    "ttv: our recipe (its --data_dir must hold the built digits records).")
+flags.DEFINE_float("target", 0.95, "ttv: validation top-1 to reach.")
+flags.DEFINE_integer("ttv_eval_every_steps", 45, "ttv: our evaluation cadence (Keras "
+                     "validates every epoch, 45 steps on digits).")
 flags.DEFINE_integer("image_size", 128, "Input size in pixels.")
 flags.DEFINE_integer("batch_size", 32, "Training and serving batch size.")
 flags.DEFINE_float("width", 1.0, "Width multiplier.")
@@ -45,6 +51,29 @@ def row(name, values, unit, reference=None):
     ratio = f"{median / reference:6.2f}x" if reference else ""
     return (f"  {name:<34} {median:9.1f} {unit:<9} (spread {min(values):.1f}-{max(values):.1f})"
             f"  {ratio}")
+
+
+def time_to_validated(benchmark, say):
+    cfg = flag_lib.config_from_flagfile(FLAGS.digits_flags,
+                                        eval_every_steps=FLAGS.ttv_eval_every_steps).validate()
+    results = alternate({
+        "ours: train_and_evaluate": lambda: benchmark.ours_time_to_accuracy(cfg, FLAGS.target),
+        "Keras model.fit": lambda: benchmark.keras_time_to_accuracy(
+            cfg, FLAGS.target, int(cfg.train_epochs)),
+    }, FLAGS.rounds)
+    say(f"time to {FLAGS.target:.0%} validation top-1 on digits ({cfg.network} width "
+        f"{cfg.width}, {cfg.image_size} px; seconds from the start of training):")
+    keras = [t for t, _ in results["Keras model.fit"] if t]
+    for name, values in results.items():
+        reached = [t for t, _ in values if t]
+        steps = [s for _, s in values if s]
+        if reached:
+            say(row(name, reached, "s", statistics.median(keras) if keras else None)
+                + f"  at steps {steps}")
+        else:
+            say(f"  {name:<34} target not reached in {cfg.train_epochs:g} epochs")
+    return {name: [{"seconds": t, "step": s} for t, s in values]
+            for name, values in results.items()}
 
 
 def main(argv):
@@ -120,6 +149,8 @@ def main(argv):
         out["serving"] = {name: {"batch1_ms": statistics.median(v[0] for v in values),
                                  "batch_images_per_s": statistics.median(v[1] for v in values)}
                           for name, values in serve.items()}
+    if "ttv" in FLAGS.what:
+        out["time_to_validated"] = time_to_validated(benchmark, say)
     print(json.dumps(out, sort_keys=True))
     return 0
 
