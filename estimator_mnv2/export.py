@@ -9,7 +9,9 @@ Both go through `preprocessing.preprocess_for_eval`, the transform evaluation us
 `classes`, `class_names`, `probabilities`, `top_k_classes`, `top_k_scores`.
 """
 
+import json
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -106,7 +108,9 @@ class Predictor:
 
 def error_summary(error):
     """The line of a TensorFlow run error that says what was wrong with the input."""
-    lines = [line.strip() for line in error.message.splitlines()]
+    # Eager errors read "{{function_node ...}} <what> [Op:Name]"; graph errors add node lines.
+    message = re.sub(r"^\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", error.message.strip())
+    lines = [line.strip() for line in message.splitlines()]
     useful = [line for line in lines if line and not line.startswith(
         ("Graph execution error", "Detected at node", "Node:", "[[", "Original stack"))]
     return useful[0] if useful else lines[0]
@@ -176,13 +180,26 @@ def convert_tflite(cfg: Config, checkpoint, kind, output_path, representative=No
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, output_path)
+    # What a caller needs besides the file: the crop before the resize, and the class names.
+    with open(output_path + ".json", "w") as f:
+        json.dump({"image_size": cfg.image_size, "eval_crop_fraction": cfg.eval_crop_fraction,
+                   "class_names": list(cfg.class_names) or
+                   [str(i) for i in range(cfg.num_classes)]}, f, indent=2)
     return output_path
 
 
 class TFLitePredictor:
-    """Runs a converted model on pixel batches ([N, S, S, 3], 0..255) -> probabilities."""
+    """Runs a converted model on pixel batches ([N, S, S, 3], 0..255) -> probabilities.
+
+    `from_encoded` takes encoded images instead, preprocessed as the SavedModel does, with
+    the settings convert_tflite saved next to the file (<file>.json).
+    """
 
     def __init__(self, path, num_threads=None):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--tflite: no such file: {path}")
+        meta = path + ".json"
+        self.meta = json.load(open(meta)) if os.path.exists(meta) else None
         self.interpreter = tf.lite.Interpreter(model_path=path, num_threads=num_threads)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
@@ -197,3 +214,20 @@ class TFLitePredictor:
         self.interpreter.set_tensor(self.input["index"], pixels)
         self.interpreter.invoke()
         return self.interpreter.get_tensor(self.output["index"])
+
+    def from_encoded(self, images):
+        """Encoded images -> {'probabilities', 'classes', 'class_names', 'top_k_classes',
+        'top_k_scores'} like the SavedModel's outputs (top 5)."""
+        if self.meta is None:
+            raise FileNotFoundError("no <file>.json next to the TFLite file (written by "
+                                    "scripts/export.py --tflite): image size and class names "
+                                    "unknown")
+        pixels = np.stack([(preprocessing.preprocess_for_eval(
+            preprocessing.decode_image(image), self.meta["image_size"],
+            self.meta["eval_crop_fraction"]).numpy() + 1.0) * 127.5 for image in images])
+        probabilities = self(pixels)
+        top = np.argsort(-probabilities, axis=1)[:, :5]
+        names = np.array([n.encode() for n in self.meta["class_names"]], dtype=object)
+        return {"probabilities": probabilities, "classes": top[:, 0],
+                "class_names": names[top[:, 0]], "top_k_classes": top,
+                "top_k_scores": np.take_along_axis(probabilities, top, axis=1)}

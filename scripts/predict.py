@@ -16,10 +16,14 @@ from absl import app, flags
 from estimator_mnv2 import flags as flag_lib
 
 flags.DEFINE_string("saved_model", None, "SavedModel folder (one timestamped export).")
+flags.DEFINE_string("tflite", None, "A .tflite file from scripts/export.py --tflite, instead of "
+                    "--saved_model (its .json beside it gives image size and class names).")
 flags.DEFINE_integer("top_k", 3, "Classes shown per image.")
 flags.DEFINE_integer("batch_size", 32, "Images per batch.")
 flags.DEFINE_bool("json", False, "One JSON object per image on stdout.")
-flags.mark_flags_as_required(["saved_model"])
+flags.register_multi_flags_validator(
+    ["saved_model", "tflite"], lambda f: bool(f["saved_model"]) != bool(f["tflite"]),
+    message="give exactly one of --saved_model and --tflite")
 FLAGS = flags.FLAGS
 
 _EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
@@ -50,7 +54,7 @@ def classify(predictor, images, top_k):
 
     try:
         out = predictor(images)
-    except tf.errors.OpError as e:
+    except tf.errors.OpError as e:  # SavedModel, or decoding for TFLite
         if len(images) == 1:
             return [(None, export.error_summary(e))]
         return [classify(predictor, [image], top_k)[0] for image in images]
@@ -67,7 +71,10 @@ def main(argv):
         files = list_images(argv[1:])
         if not files:
             raise FileNotFoundError("no images given (pass files or folders after the flags)")
-        predictor = export.Predictor(FLAGS.saved_model)
+        if FLAGS.tflite:
+            predictor = export.TFLitePredictor(FLAGS.tflite).from_encoded
+        else:
+            predictor = export.Predictor(FLAGS.saved_model)
     except (FileNotFoundError, OSError) as e:
         flag_lib.fail(e)
     status = 0
@@ -87,7 +94,6 @@ def main(argv):
             else:
                 shown = ", ".join(f"{c} {s:.3f}" for c, s in top)
                 print(f"{f}: {name}  (top {len(top)}: {shown})")
-    predictor.close()
     return status
 
 

@@ -5,6 +5,7 @@ real Estimator trained for a few steps. Sizes are tiny so the suite fits CI's 2 
 """
 
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -90,3 +91,11 @@ def digits_images(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("digits_images"))
     write_digits(root)
     return root
+
+
+def run_script(name, *args):
+    """Runs scripts/<name> as a user would: a fresh process, no stdin."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
+                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+                          timeout=300)

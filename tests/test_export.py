@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, class_image, tiny_config
+from conftest import class_image, run_script, tiny_config
 from estimator_mnv2 import export, runner
 from estimator_mnv2.data import input_fn
 
@@ -117,13 +117,6 @@ def test_bad_serving_input_is_an_error_and_serving_goes_on(exported):
     assert predictor([png])["probabilities"].shape == (1, 3)
 
 
-def run_script(name, *args):
-    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
-                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
-                          timeout=300)
-
-
 def test_predict_script_json_and_bad_files(exported, tmp_path):
     good = tmp_path / "good.png"
     good.write_bytes(tf.io.encode_png(class_image(2, 3)).numpy())
@@ -177,3 +170,25 @@ def test_unknown_tflite_kind_is_refused(trained_model_dir, tmp_path):
                    f"--export_dir={tmp_path}", "--tflite=int4")
     assert r.returncode == 2 and "--tflite: unknown kind 'int4'" in r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_predict_script_with_tflite_matches_saved_model(exported, tmp_path):
+    cfg, path, _ = exported
+    lite = export.convert_tflite(cfg, tf.train.latest_checkpoint(cfg.model_dir), "float",
+                                 str(tmp_path / "m.tflite"))
+    images = []
+    for i in range(3):
+        f = tmp_path / f"{i}.png"
+        f.write_bytes(tf.io.encode_png(class_image(i, 7, size=24)).numpy())
+        images.append(str(f))
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    outputs = {}
+    for flag in (f"--saved_model={path}", f"--tflite={lite}"):
+        r = run_script("predict.py", flag, "--json", *images, str(tmp_path / "bad.png"))
+        assert r.returncode == 1 and "bad.png: error: Unknown image file format" in r.stderr
+        outputs[flag[:8]] = [json.loads(line) for line in r.stdout.splitlines()]
+    saved, tflite = outputs["--saved_"], outputs["--tflite"]
+    assert [o["class_name"] for o in tflite] == [o["class_name"] for o in saved]
+    for a, b in zip(saved, tflite):
+        np.testing.assert_allclose([s for _, s in a["top_k"]], [s for _, s in b["top_k"]],
+                                   atol=1e-4)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, run_script, tiny_config
 from estimator_mnv2 import guard, runner
 from estimator_mnv2.data import preprocessing, schema
 
@@ -157,10 +157,7 @@ def test_non_image_bytes_in_a_record_name_the_shard(data_dir, tmp_path):
 def test_export_dir_that_is_a_file_is_refused(trained_model_dir, tmp_path):
     target = tmp_path / "a_file"
     target.write_text("x")
-    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"),
-                        f"--model_dir={trained_model_dir}", f"--export_dir={target}"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = run_script("export.py", f"--model_dir={trained_model_dir}", f"--export_dir={target}")
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last == f"error: --export_dir: {target} is a file, not a folder"

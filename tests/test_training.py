@@ -3,15 +3,13 @@
 import glob
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import NUM_CLASSES, ROOT, tiny_config
+from conftest import NUM_CLASSES, run_script, tiny_config
 from estimator_mnv2 import config as config_lib
 from estimator_mnv2 import model_fn as model_fn_lib
 from estimator_mnv2 import optimization, runner
@@ -155,13 +153,6 @@ def test_moving_average_weights_are_used_for_evaluation(tmp_path, data_dir):
     ema_loss = runner.evaluate(cfg)["loss"]
     raw_loss = runner.evaluate(tiny_config(model_dir, data_dir, mode="train"))["loss"]
     assert ema_loss != raw_loss
-
-
-def run_script(name, *args):
-    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
-                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
-                          timeout=300)
 
 
 def test_bad_flags_fail_before_anything_is_written(tmp_path, data_dir):
