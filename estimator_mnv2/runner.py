@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -54,6 +55,11 @@ def prepare_model_dir(cfg: Config):
                 input_lib.resolve_files(getattr(cfg, field))
             except FileNotFoundError as e:
                 raise config_lib.ConfigError(field, str(e)) from None
+    if cfg.trainable_scopes and not any(
+            re.search(cfg.trainable_scopes, name)
+            for name in warm_start.network_variables(cfg, trainable_only=True)):
+        raise config_lib.ConfigError("trainable_scopes", f"{cfg.trainable_scopes!r} matches no "
+                                     f"trainable variable of --network={cfg.network}")
     settings = None
     if cfg.warm_start_from:
         settings, report = warm_start.plan(cfg)

@@ -29,13 +29,14 @@ def resolve_checkpoint(path):
     return prefix
 
 
-def network_variables(cfg: Config):
+def network_variables(cfg: Config, trainable_only=False):
     """{name: shape} of the variables the network creates (no optimizer or step variables)."""
     graph = tf.Graph()
     with graph.as_default():
         images = v1.placeholder(tf.float32, [None, cfg.image_size, cfg.image_size, 3])
         network_outputs(images, cfg, is_training=True)
-        return {v.op.name: v.shape.as_list() for v in v1.global_variables()}
+        variables = v1.trainable_variables() if trainable_only else v1.global_variables()
+        return {v.op.name: v.shape.as_list() for v in variables}
 
 
 def plan(cfg: Config):

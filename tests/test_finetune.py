@@ -81,6 +81,13 @@ def test_excluded_variables_are_reinitialized(trained_model_dir, data_dir, tmp_p
     assert "mobilenetv2/logits/w" in report["restored"]  # same class count: restored
 
 
+def test_trainable_scopes_matching_nothing_is_refused(data_dir, tmp_path):
+    cfg = tiny_config(str(tmp_path / "m"), data_dir, trainable_scopes="fc8")
+    with pytest.raises(config_lib.ConfigError, match="--trainable_scopes: 'fc8' matches no"):
+        runner.prepare_model_dir(cfg)
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("case", ["missing", "other_network", "own_checkpoint"])
 def test_warm_start_errors_write_no_checkpoint(case, trained_model_dir, data_dir, tmp_path):
     model_dir = tmp_path / "m"
