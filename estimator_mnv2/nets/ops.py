@@ -43,8 +43,9 @@ def _initializer(d: LayerDefaults):
 
 
 def _regularizer(d: LayerDefaults):
-    # tf.contrib.layers.l2_regularizer(scale) is scale * tf.nn.l2_loss(w) = scale * sum(w^2) / 2;
-    # slim's MobileNetV2 uses the same form, so weight decay values carry over unchanged.
+    # The article's (TF1 contrib) l2_regularizer(scale) is scale * tf.nn.l2_loss(w), that is
+    # scale * sum(w^2) / 2; slim's MobileNetV2 uses the same form, so weight decay values carry
+    # over unchanged.
     if d.weight_decay <= 0:
         return None
     return lambda w: tf.multiply(d.weight_decay, tf.nn.l2_loss(w), name="l2_loss")
