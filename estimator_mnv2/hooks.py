@@ -11,8 +11,11 @@ v1 = tf.compat.v1
 class ProgressHook(v1.train.SessionRunHook):
     """Logs progress every `every_n_steps` steps of a run that ends at `max_steps`."""
 
-    def __init__(self, loss, learning_rate, batch_size, max_steps, every_n_steps):
+    def __init__(self, loss, learning_rate, batch_size, max_steps, every_n_steps,
+                 skipped_records=None):
         self._fetches = {"loss": loss, "lr": learning_rate}
+        if skipped_records is not None:
+            self._fetches["skipped"] = skipped_records
         self._batch_size, self._max_steps = batch_size, max_steps
         self._every = max(1, every_n_steps)
 
@@ -34,9 +37,10 @@ class ProgressHook(v1.train.SessionRunHook):
             return
         steps_per_sec = done / max(now - self._last[1], 1e-9)
         left = (self._max_steps - step) / steps_per_sec if steps_per_sec else 0.0
-        logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f examples/s  %s left", step,
+        skipped = f"  {r['skipped']} corrupt records skipped" if r.get("skipped") else ""
+        logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f examples/s  %s left%s", step,
                      self._max_steps, r["loss"], r["lr"], steps_per_sec * self._batch_size,
-                     _duration(left))
+                     _duration(left), skipped)
         self._last = (step, now)
 
 

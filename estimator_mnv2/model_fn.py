@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from estimator_mnv2 import hooks, metrics, nets, optimization
 from estimator_mnv2.config import Config
+from estimator_mnv2.data import input_fn
 
 v1 = tf.compat.v1
 ModeKeys = tf.estimator.ModeKeys
@@ -43,6 +44,22 @@ def compute_loss(logits, labels, cfg: Config):
     return tf.add(cross_entropy, regularization, name="total_loss"), cross_entropy, regularization
 
 
+def skipped_records(index):
+    """Records skipped by --skip_corrupt_records since this process started: the stream numbers
+    every record before decoding, so (highest number seen + 1) - records used = skipped.
+    Logged with the progress and written to TensorBoard as `skipped_records`."""
+    local = dict(trainable=False, collections=[v1.GraphKeys.LOCAL_VARIABLES])
+    seen = v1.get_variable("records_used", [], tf.int64, v1.zeros_initializer(), **local)
+    highest = v1.get_variable("highest_record", [], tf.int64, v1.constant_initializer(-1),
+                              **local)
+    update = [v1.assign_add(seen, tf.size(index, out_type=tf.int64)),
+              v1.assign(highest, tf.maximum(highest, tf.reduce_max(index)))]
+    with tf.control_dependencies(update):
+        skipped = highest.read_value() + 1 - seen.read_value()
+    v1.summary.scalar("skipped_records", skipped)
+    return skipped
+
+
 def model_fn(features, labels, mode, params):
     cfg = Config.from_params(params)
     training = mode == ModeKeys.TRAIN
@@ -74,6 +91,9 @@ def model_fn(features, labels, mode, params):
     v1.summary.scalar("train_accuracy", tf.reduce_mean(
         tf.cast(tf.equal(predictions["classes"], labels), tf.float32)))
     v1.summary.image("input_images", (images + 1.0) / 2.0, max_outputs=3)
-    progress = hooks.ProgressHook(loss, lr, cfg.batch_size, cfg.max_steps, cfg.log_every_steps)
+    skipped = (skipped_records(features[input_fn.RECORD_INDEX])
+               if input_fn.RECORD_INDEX in features else None)
+    progress = hooks.ProgressHook(loss, lr, cfg.batch_size, cfg.max_steps, cfg.log_every_steps,
+                                  skipped)
     return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op,
                                       training_hooks=[progress])

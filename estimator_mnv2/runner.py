@@ -136,6 +136,8 @@ def fit(cfg: Config, warm_start_from=None):
         if ("Could not parse example input" in e.message
                 or "is required but could not be found" in e.message):
             raise guard.TrainingError(_not_examples(cfg)) from None
+        if "DecodeImage" in e.message or "decode_image" in e.message:
+            raise guard.TrainingError(_undecodable(cfg, e)) from None
         if "in shard" not in e.message and "Shard, label" not in e.message:
             raise
         raise guard.TrainingError(input_error_summary(e)) from None
@@ -151,6 +153,18 @@ def fit(cfg: Config, warm_start_from=None):
             f"{tf.train.latest_checkpoint(cfg.model_dir)} (checkpoint saved); run the same "
             f"command again to resume"))
     return result
+
+
+def _undecodable(cfg, error):
+    from estimator_mnv2.data import schema
+
+    fmt = schema.RecordFormat(cfg.image_key, cfg.label_key, cfg.label_offset)
+    files = input_lib.resolve_files(cfg.train_files) + input_lib.resolve_files(cfg.eval_files)
+    found = input_lib.find_undecodable_record(files, fmt)
+    where = (f"record {found[1]} of {found[0]}: {found[2]}" if found
+             else export.error_summary(error))
+    return (f"an image does not decode ({where}). Rebuild the shards with "
+            f"scripts/build_tfrecords.py (it skips such files), or pass --skip_corrupt_records")
 
 
 def _not_examples(cfg):

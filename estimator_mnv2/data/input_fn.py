@@ -5,6 +5,8 @@ import tensorflow as tf
 from estimator_mnv2.data import preprocessing, schema
 
 AUTOTUNE = tf.data.AUTOTUNE
+# Feature with each record's position in the stream, when corrupt records are skipped.
+RECORD_INDEX = "record_index"
 
 
 def resolve_files(patterns):
@@ -45,6 +47,19 @@ def _check_label(label, num_classes, filename):
         return tf.identity(label)
 
 
+def find_undecodable_record(files, fmt: schema.RecordFormat):
+    """(file, record number, error) of the first record whose image does not decode, or None.
+    Reads every image: it runs only after training failed on one."""
+    for f in files:
+        for i, serialized in enumerate(tf.data.TFRecordDataset(f)):
+            try:
+                encoded, _ = schema.parse_example(serialized, fmt)
+                preprocessing.decode_image(encoded)
+            except tf.errors.InvalidArgumentError as e:
+                return f, i, e.message.split("}}")[-1].split("[Op:")[0].strip()
+    return None
+
+
 def find_corrupt_files(files):
     """[(file, error)] for the TFRecord files whose records cannot be read (truncated shard,
     flipped bytes): TensorFlow's own read error does not say which file it was."""
@@ -77,7 +92,8 @@ def make_input_fn(patterns, training, config, num_epochs=None):
     fmt = schema.RecordFormat(config.image_key, config.label_key, config.label_offset)
     global_batch = config.batch_size if training else config.eval_batch_size
 
-    def parse(serialized, filename):
+    def parse(index, record):
+        serialized, filename = record
         encoded, label = schema.parse_example(serialized, fmt)
         image = preprocessing.decode_image(_check_image(encoded, filename))
         if training:
@@ -87,10 +103,13 @@ def make_input_fn(patterns, training, config, num_epochs=None):
         else:
             image = preprocessing.preprocess_for_eval(image, config.image_size,
                                                       config.eval_crop_fraction)
-        return image, label, filename
+        return index, image, label, filename
 
-    def check_label(image, label, filename):
-        return {"image": image}, _check_label(label, config.num_classes, filename)
+    def check_label(index, image, label, filename):
+        features = {"image": image}
+        if config.skip_corrupt_records:
+            features[RECORD_INDEX] = index  # gaps in these numbers are the skipped records
+        return features, _check_label(label, config.num_classes, filename)
 
     def read(filename):  # records with the shard they come from, for error messages
         return tf.data.TFRecordDataset(filename).map(lambda record: (record, filename))
@@ -118,7 +137,8 @@ def make_input_fn(patterns, training, config, num_epochs=None):
             ds = ds.cache()  # the serialized records: small data sets stop touching the disk
         if training:
             ds = ds.shuffle(config.shuffle_buffer, seed=config.seed).repeat(num_epochs)
-        ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=not training)
+        ds = ds.enumerate().map(parse, num_parallel_calls=AUTOTUNE,
+                                deterministic=not training)
         if config.skip_corrupt_records:
             ds = ds.ignore_errors(log_warning=True)
         ds = ds.map(check_label, num_parallel_calls=AUTOTUNE, deterministic=not training)
