@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, run_script, tiny_config
 from estimator_mnv2 import guard, runner
 from estimator_mnv2.data import preprocessing, schema
 
@@ -174,6 +174,30 @@ def test_undecodable_image_in_a_record_is_named(data_dir, tmp_path):
     with pytest.raises(guard.TrainingError,
                        match=f"an image does not decode \\(record 0 of {shard}: "):
         runner.train(cfg)
+
+
+def test_export_dir_that_is_a_file_is_refused(trained_model_dir, tmp_path):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    r = run_script("export.py", f"--model_dir={trained_model_dir}", f"--export_dir={target}")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == f"error: --export_dir: {target} is a file, not a folder"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200))
+def test_parse_example_on_random_bytes_returns_or_raises_cleanly(data):
+    # TF 2.15 echoes unparsable bytes in its error message, which Python may then fail to
+    # decode (UnicodeDecodeError); the training pipeline turns both into one named error
+    # (test_records_that_are_not_examples_are_named). Neither crashes the process.
+    try:
+        encoded, label = schema.parse_example(tf.constant(data))
+        assert encoded.dtype == tf.string and label.dtype == tf.int64
+    except tf.errors.InvalidArgumentError as e:
+        assert "Could not parse example input" in e.message or "Feature" in e.message
+    except UnicodeDecodeError:
+        pass
 
 
 @pytest.mark.parametrize("record", [b"\x80", b"\x0a\x80\x01"])
