@@ -11,7 +11,6 @@ Both go through `preprocessing.preprocess_for_eval`, the transform evaluation us
 
 import json
 import os
-import re
 
 import numpy as np
 import tensorflow as tf
@@ -105,15 +104,6 @@ class Predictor:
     def close(self):
         self.session.close()
 
-
-def error_summary(error):
-    """The line of a TensorFlow run error that says what was wrong with the input."""
-    # Eager errors read "{{function_node ...}} <what> [Op:Name]"; graph errors add node lines.
-    message = re.sub(r"^\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", error.message.strip())
-    lines = [line.strip() for line in message.splitlines()]
-    useful = [line for line in lines if line and not line.startswith(
-        ("Graph execution error", "Detected at node", "Node:", "[[", "Original stack"))]
-    return useful[0] if useful else lines[0]
 
 
 TFLITE_KINDS = ("float", "dynamic", "int8")

@@ -4,6 +4,7 @@ that say what went wrong instead of a TensorFlow stack trace."""
 import atexit
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -26,6 +27,16 @@ class Interrupted(RuntimeError):
     def __init__(self, signum, message):
         super().__init__(message)
         self.signum = signum
+
+
+def error_summary(error):
+    """The line of a TensorFlow run error that says what was wrong with the input."""
+    # Eager errors read "{{function_node ...}} <what> [Op:Name]"; graph errors add node lines.
+    message = re.sub(r"^\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", error.message.strip())
+    lines = [line.strip() for line in message.splitlines()]
+    useful = [line for line in lines if line and not line.startswith(
+        ("Graph execution error", "Detected at node", "Node:", "[[", "Original stack"))]
+    return useful[0] if useful else lines[0]
 
 
 def _alive(pid):

@@ -162,7 +162,7 @@ def _undecodable(cfg, error):
     files = input_lib.resolve_files(cfg.train_files) + input_lib.resolve_files(cfg.eval_files)
     found = input_lib.find_undecodable_record(files, fmt)
     where = (f"record {found[1]} of {found[0]}: {found[2]}" if found
-             else export.error_summary(error))
+             else guard.error_summary(error))
     return (f"an image does not decode ({where}). Rebuild the shards with "
             f"scripts/build_tfrecords.py (it skips such files), or pass --skip_corrupt_records")
 

@@ -50,13 +50,13 @@ def classify(predictor, images, top_k):
     A batch that fails is retried image by image, so one bad file does not hide the others."""
     import tensorflow as tf
 
-    from estimator_mnv2 import export
+    from estimator_mnv2 import guard
 
     try:
         out = predictor(images)
     except tf.errors.OpError as e:  # SavedModel, or decoding for TFLite
         if len(images) == 1:
-            return [(None, export.error_summary(e))]
+            return [(None, guard.error_summary(e))]
         return [classify(predictor, [image], top_k)[0] for image in images]
     return [(out["class_names"][i].decode(),
              [(int(c), float(s)) for c, s in zip(out["top_k_classes"][i][:top_k],

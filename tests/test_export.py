@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import class_image, run_script, tiny_config
-from estimator_mnv2 import export, runner
+from estimator_mnv2 import export, guard, runner
 from estimator_mnv2.data import input_fn
 
 v1 = tf.compat.v1
@@ -111,7 +111,7 @@ def test_bad_serving_input_is_an_error_and_serving_goes_on(exported):
                          (b"", "Input is empty")]:
         with pytest.raises(tf.errors.InvalidArgumentError) as e:
             predictor([bad])
-        assert export.error_summary(e.value).startswith(message)
+        assert guard.error_summary(e.value).startswith(message)
     assert predictor([])["probabilities"].shape == (0, 3)
     png = tf.io.encode_png(class_image(0, 1)).numpy()
     assert predictor([png])["probabilities"].shape == (1, 3)

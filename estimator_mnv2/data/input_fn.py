@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from estimator_mnv2 import guard
 from estimator_mnv2.data import preprocessing, schema
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -56,7 +57,7 @@ def find_undecodable_record(files, fmt: schema.RecordFormat):
                 encoded, _ = schema.parse_example(serialized, fmt)
                 preprocessing.decode_image(encoded)
             except tf.errors.InvalidArgumentError as e:
-                return f, i, e.message.split("}}")[-1].split("[Op:")[0].strip()
+                return f, i, guard.error_summary(e)
     return None
 
 
@@ -69,7 +70,7 @@ def find_corrupt_files(files):
             for _ in tf.data.TFRecordDataset(f):
                 pass
         except tf.errors.DataLossError as e:
-            corrupt.append((f, e.message.split("}}")[-1].split("[Op:")[0].strip()))
+            corrupt.append((f, guard.error_summary(e)))
     return corrupt
 
 
