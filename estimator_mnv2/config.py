@@ -22,6 +22,8 @@ ARCHITECTURE_FIELDS = ("network", "width", "num_classes")
 OPTIMIZERS = ("rmsprop", "momentum", "sgd", "adam")
 SCHEDULES = ("constant", "exponential", "cosine", "piecewise")
 MODES = ("train", "evaluate", "train_and_evaluate")
+STRATEGIES = ("none", "mirrored", "multi_worker_mirrored", "parameter_server")
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,7 @@ class Config:
     label_key: str = "image/class/label"
     label_offset: int = 0
     skip_corrupt_records: bool = False
+    label_scan_records: int = 5000  # labels checked against num_classes before training
     class_names: Tuple[str, ...] = ()
 
     # Optimization.
@@ -94,8 +97,16 @@ class Config:
     eval_every_steps: int = 1000
     eval_steps: int = 0  # 0: the whole evaluation set
     log_every_steps: int = 100
+    in_memory_eval: bool = True  # one process: evaluate the session's weights, no restore
     export_during_training: bool = True  # best (by top-1) and latest SavedModels per evaluation
     seed: Optional[int] = None
+
+    # Scale-out and speed (estimator_mnv2/distribution.py).
+    distribution_strategy: str = "none"
+    num_gpus: int = 0  # mirrored: GPUs to use (0: all)
+    num_cpu_devices: int = 0  # mirrored without GPUs: split the CPU into this many devices
+    precision: str = "float32"  # compute type; variables stay float32
+    xla: bool = False
 
     @property
     def steps_per_epoch(self):
@@ -145,6 +156,8 @@ class Config:
              f"must be in (0, 1], got {self.crop_area_min}")
         need(0 < self.eval_crop_fraction <= 1, "eval_crop_fraction",
              f"must be in (0, 1], got {self.eval_crop_fraction}")
+        need(self.label_scan_records >= 0, "label_scan_records",
+             f"must be >= 0, got {self.label_scan_records}")
         need(self.optimizer in OPTIMIZERS, "optimizer",
              f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         need(self.lr_schedule in SCHEDULES, "lr_schedule",
@@ -175,6 +188,13 @@ class Config:
              f"must be >= 1, got {self.eval_every_steps}")
         need(self.keep_checkpoint_max >= 1, "keep_checkpoint_max",
              f"must be >= 1, got {self.keep_checkpoint_max}")
+        need(self.distribution_strategy in STRATEGIES, "distribution_strategy",
+             f"unknown strategy {self.distribution_strategy!r}; known: {', '.join(STRATEGIES)}")
+        need(self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")
+        need(0 <= self.num_cpu_devices <= 64, "num_cpu_devices",
+             f"must be in 0..64, got {self.num_cpu_devices}")
+        need(self.precision in PRECISIONS, "precision",
+             f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
         need(bool(self.model_dir), "model_dir", "is required")
         need(not os.path.isfile(self.model_dir), "model_dir",
              f"{self.model_dir} is a file, not a folder")

@@ -41,6 +41,10 @@ _HELP = {
     "skip_corrupt_records": "Skip unreadable records and undecodable images with a warning "
                             "instead of stopping (a corrupt record also loses the rest of "
                             "its shard).",
+    "label_scan_records": "Before training, read the labels of this many records (spread "
+                          "over the heads of all shards) and refuse labels outside "
+                          "--num_classes before anything is written (0: off; the rest are "
+                          "checked while training).",
     "class_names": "Class names (default: labels.txt in --data_dir).",
     "optimizer": "rmsprop (the paper), momentum, sgd or adam.",
     "learning_rate": "Base learning rate.",
@@ -74,9 +78,25 @@ _HELP = {
     "eval_every_steps": "Evaluate every N steps in train_and_evaluate.",
     "eval_steps": "Evaluation batches (0: the whole evaluation set).",
     "log_every_steps": "Progress line and summaries every N steps.",
+    "in_memory_eval": "In train_and_evaluate in one process, evaluate the training session's "
+                      "weights in an evaluation graph built once, instead of rebuilding it and "
+                      "restoring each checkpoint (--noin_memory_eval: Estimator's "
+                      "train_and_evaluate).",
     "export_during_training": "In train_and_evaluate, export SavedModels of the best model by "
                               "top-1 and of the latest to model_dir/export/{best,latest}.",
-    "seed": "Graph-level random seed (none: random).",
+    "seed": "Graph-level random seed; also keeps the training input order reproducible "
+            "(none: random, parallel input in any order).",
+    "distribution_strategy": "none, mirrored (the GPUs of one machine), multi_worker_mirrored "
+                             "(synchronous, a TF_CONFIG cluster of chief + workers) or "
+                             "parameter_server (asynchronous, a TF_CONFIG cluster with ps "
+                             "tasks). --batch_size stays the global batch.",
+    "num_gpus": "mirrored: number of GPUs (0: all of them).",
+    "num_cpu_devices": "mirrored without GPUs: split the CPU into this many logical devices "
+                       "(to try data parallelism on a laptop; no faster).",
+    "precision": "Compute type: float32, bfloat16 or float16 (mixed precision, float32 "
+                 "variables; float16 with dynamic loss scaling). For GPUs; a CPU gets a "
+                 "warning.",
+    "xla": "Compile the training step with XLA (GPUs; a CPU gets a warning).",
 }
 
 

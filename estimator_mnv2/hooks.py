@@ -24,6 +24,7 @@ class ProgressHook(v1.train.SessionRunHook):
         self._last = None  # (step, time) of the last line
 
     def before_run(self, run_context):
+        self._run_start = time.time()
         return v1.train.SessionRunArgs(self._fetches)
 
     def after_run(self, run_context, run_values):
@@ -31,20 +32,88 @@ class ProgressHook(v1.train.SessionRunHook):
         step = int(r["step"]) + 1  # the step this run completed
         if self._last is None:
             self._last = (step, now)  # the first step includes graph set-up: do not time it
+            self._step_seconds = 0.0
             return
+        # examples/s counts the training steps alone; time left also counts what runs between
+        # them (evaluations, checkpoints).
+        self._step_seconds += now - self._run_start
         done = step - self._last[0]
         if done < self._every and step < self._max_steps:
             return
-        steps_per_sec = done / max(now - self._last[1], 1e-9)
-        left = (self._max_steps - step) / steps_per_sec if steps_per_sec else 0.0
+        wall_steps_per_sec = done / max(now - self._last[1], 1e-9)
+        left = (self._max_steps - step) / wall_steps_per_sec
+        rate = done * self._batch_size / max(self._step_seconds, 1e-9)
         skipped = f"  {r['skipped']} corrupt records skipped" if r.get("skipped") else ""
         logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f examples/s  %s left%s", step,
-                     self._max_steps, r["loss"], r["lr"], steps_per_sec * self._batch_size,
-                     _duration(left), skipped)
+                     self._max_steps, r["loss"], r["lr"], rate, _duration(left), skipped)
         self._last = (step, now)
+        self._step_seconds = 0.0
 
 
 def _duration(seconds):
     seconds = int(seconds)
     return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
             else f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
+    """Evaluates the training session's weights every `every_n_steps` global steps and at the
+    end, without a checkpoint restore or a graph rebuild: the evaluation graph is built once
+    and each evaluation copies the current variables into it (Estimator's
+    InMemoryEvaluatorHook, triggered by global step instead of by this process's iterations,
+    with no evaluation before the first step). Results go to model_dir/eval, as
+    train_and_evaluate's do, and to `on_result(metrics, train_session)`.
+
+    Only for one process without a strategy, and without a custom eval Saver (the moving
+    averages of --moving_average_decay are read through one).
+    """
+
+    def __init__(self, estimator, input_fn, steps, every_n_steps, on_result):
+        super().__init__(estimator, input_fn, steps=steps, every_n_iter=every_n_steps)
+        self._every, self._on_result = every_n_steps, on_result
+        self._ready = False
+        self._last_step = None
+
+    def begin(self):
+        super().begin()
+        self._step_tensor = v1.train.get_global_step()
+
+    def after_create_session(self, session, coord):
+        self._ready = False  # the parent evaluates here; not before the first step
+        super().after_create_session(session, coord)
+        self._ready = True
+        self._last_step = int(session.run(self._step_tensor))
+
+    def after_run(self, run_context, run_values):
+        step = int(run_context.session.run(self._step_tensor))
+        self._due = step % self._every == 0 and step != self._last_step
+
+    def before_run(self, run_context):
+        # A due evaluation runs before the next step rather than after the last one, so that
+        # ProgressHook's examples/s times training steps only.
+        if getattr(self, "_due", False):
+            self._due = False
+            self._evaluate(run_context.session)
+
+    def end(self, session):
+        if int(session.run(self._step_tensor)) != self._last_step:
+            self._evaluate(session)
+
+    def _evaluate(self, train_session):
+        if not self._ready:
+            return
+        values = train_session.run(self._var_name_to_train_var)
+        feed = {self._var_name_to_placeholder[name]: value for name, value in values.items()}
+
+        def feed_variables(scaffold, session):
+            del scaffold
+            session.run(self._var_feed_op, feed_dict=feed)
+
+        scaffold = v1.train.Scaffold(init_fn=feed_variables, copy_from_scaffold=self._scaffold)
+        with self._graph.as_default():
+            result = self._estimator._evaluate_run(
+                checkpoint_path=None, scaffold=scaffold, update_op=self._update_op,
+                eval_dict=self._eval_dict, all_hooks=self._all_hooks,
+                output_dir=self._eval_dir)
+        self._last_step = int(result[v1.GraphKeys.GLOBAL_STEP])
+        self._on_result(result, train_session)

@@ -4,7 +4,7 @@ import re
 
 import tensorflow as tf
 
-from estimator_mnv2 import hooks, metrics, nets, optimization
+from estimator_mnv2 import hooks, metrics, nets, optimization, precision
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import input_fn
 
@@ -12,15 +12,18 @@ v1 = tf.compat.v1
 ModeKeys = tf.estimator.ModeKeys
 
 
-def network_outputs(images, cfg: Config, is_training):
-    """Builds the configured network on images (float32 [N, H, W, 3] in [-1, 1])."""
+def network_outputs(images, cfg: Config, is_training, dtype=tf.float32):
+    """Builds the configured network on images (float32 [N, H, W, 3] in [-1, 1]), computing in
+    `dtype` with float32 variables (see precision.py); returns float32 logits."""
     overrides = {"weight_decay": cfg.weight_decay}
     if cfg.bn_momentum is not None:
         overrides["bn_momentum"] = cfg.bn_momentum
     if cfg.freeze_batch_norm:
         overrides["bn_train_scopes"] = cfg.trainable_scopes or "(?!)"  # (?!): matches nothing
-    return nets.get_network(cfg.network)(images, cfg.num_classes, is_training, width=cfg.width,
-                                         **overrides)
+    network = nets.get_network(cfg.network)
+    return precision.build_network(
+        lambda x: network(x, cfg.num_classes, is_training, width=cfg.width, **overrides),
+        images, dtype)
 
 
 def make_predictions(logits, cfg: Config):
@@ -64,7 +67,7 @@ def model_fn(features, labels, mode, params):
     cfg = Config.from_params(params)
     training = mode == ModeKeys.TRAIN
     images = features["image"]
-    logits, _ = network_outputs(images, cfg, training)
+    logits, _ = network_outputs(images, cfg, training, precision.compute_dtype(cfg, mode))
     predictions = make_predictions(logits, cfg)
     # Evaluation and export read the weights' moving averages when training kept them.
     scaffold = (v1.train.Scaffold(saver=optimization.averaged_weights_saver(cfg))
@@ -93,6 +96,8 @@ def model_fn(features, labels, mode, params):
     v1.summary.image("input_images", (images + 1.0) / 2.0, max_outputs=3)
     skipped = (skipped_records(features[input_fn.RECORD_INDEX])
                if input_fn.RECORD_INDEX in features else None)
+    # Under a mirrored strategy the progress line shows the first replica's loss (an all-reduce
+    # here breaks variable creation in the replicas); TensorBoard's `loss` is the global one.
     progress = hooks.ProgressHook(loss, lr, cfg.batch_size, cfg.max_steps, cfg.log_every_steps,
                                   skipped)
     return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op,

@@ -4,6 +4,8 @@ import math
 
 import tensorflow as tf
 
+from estimator_mnv2 import precision
+
 v1 = tf.compat.v1
 
 
@@ -66,7 +68,7 @@ def build_train_op(loss, cfg, var_list=None):
     """
     global_step = v1.train.get_or_create_global_step()
     lr = learning_rate(global_step, cfg)
-    optimizer = make_optimizer(lr, cfg)
+    optimizer = precision.wrap_optimizer(make_optimizer(lr, cfg), cfg)
     grads_and_vars = optimizer.compute_gradients(loss, var_list=var_list)
     if cfg.clip_gradient_norm > 0:
         grads, variables = zip(*grads_and_vars)

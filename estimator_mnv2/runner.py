@@ -10,7 +10,7 @@ import tensorflow as tf
 from absl import logging
 
 from estimator_mnv2 import config as config_lib
-from estimator_mnv2 import export, guard, warm_start
+from estimator_mnv2 import distribution, export, guard, precision, warm_start
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import build as build_lib
 from estimator_mnv2.data import input_fn as input_lib
@@ -45,6 +45,10 @@ def prepare_model_dir(cfg: Config):
     architecture, and for a warm start that cannot apply (see warm_start.plan); TrainingError
     when another training process holds the model_dir.
     """
+    distribution.check(cfg)  # first: it may split the CPU, before TensorFlow starts
+    if distribution.tf_config().get("cluster") and cfg.mode != "train_and_evaluate":
+        raise config_lib.ConfigError("mode", f"a TF_CONFIG cluster trains through "
+                                     f"train_and_evaluate, not --mode={cfg.mode}")
     saved = config_lib.load(cfg.model_dir)
     if saved is not None:
         config_lib.check_compatible(saved, cfg)
@@ -55,6 +59,7 @@ def prepare_model_dir(cfg: Config):
                 input_lib.resolve_files(getattr(cfg, field))
             except FileNotFoundError as e:
                 raise config_lib.ConfigError(field, str(e)) from None
+    check_labels(cfg)
     if cfg.trainable_scopes and not any(
             re.search(cfg.trainable_scopes, name)
             for name in warm_start.network_variables(cfg, trainable_only=True)):
@@ -64,11 +69,34 @@ def prepare_model_dir(cfg: Config):
     if cfg.warm_start_from:
         settings, report = warm_start.plan(cfg)
         logging.info("%s", warm_start.summary(report))
+    if not distribution.is_chief():
+        return settings  # workers, ps and evaluator tasks write nothing of their own
     guard.acquire_lock(cfg.model_dir)  # the first write; released when fit() ends
     config_lib.save(cfg, cfg.model_dir)
     if settings is not None:
         write_json(report, os.path.join(cfg.model_dir, warm_start.REPORT_FILE))
     return settings
+
+
+def check_labels(cfg: Config):
+    """Refuses labels outside [0, num_classes) in a sample of the records (see
+    --label_scan_records) before training writes anything; training checks every record."""
+    if not cfg.label_scan_records:
+        return
+    from estimator_mnv2.data import schema
+
+    fmt = schema.RecordFormat(cfg.image_key, cfg.label_key, cfg.label_offset)
+    for field in ("train_files", "eval_files") if cfg.mode != "train" else ("train_files",):
+        files = input_lib.resolve_files(getattr(cfg, field))
+        scanned, bad = input_lib.scan_labels(files, fmt, cfg.num_classes,
+                                             cfg.label_scan_records)
+        if bad:
+            found = "; ".join(f"{f}: label {label}" for f, label in bad)
+            offset = f" after --label_offset={cfg.label_offset}" if cfg.label_offset else ""
+            raise config_lib.ConfigError("num_classes", (
+                f"{cfg.num_classes} classes, but the records have labels outside "
+                f"[0, {cfg.num_classes}){offset} ({found}; {scanned} records of "
+                f"--{field} scanned). Set --num_classes or --label_offset to match the data."))
 
 
 def make_estimator(cfg: Config, warm_start_from=None):
@@ -78,7 +106,9 @@ def make_estimator(cfg: Config, warm_start_from=None):
         model_dir=cfg.model_dir, tf_random_seed=cfg.seed,
         save_checkpoints_steps=checkpoint_steps, keep_checkpoint_max=cfg.keep_checkpoint_max,
         save_summary_steps=min(cfg.log_every_steps, 100),
-        log_step_count_steps=None)  # ProgressHook logs loss, lr, examples/s and time left
+        log_step_count_steps=None,  # ProgressHook logs loss, lr, examples/s and time left
+        train_distribute=distribution.make_strategy(cfg),
+        session_config=precision.session_config(cfg))
     return tf.estimator.Estimator(model_fn, config=run_config, params=cfg.to_params(),
                                   warm_start_from=warm_start_from)
 
@@ -99,23 +129,30 @@ def fit(cfg: Config, warm_start_from=None):
       guard.TrainingError for NaN loss (the last good checkpoint is kept), unreadable shards
       and bad records, each named.
     """
+    precision.warn_without_gpu(cfg)
     estimator = make_estimator(cfg, warm_start_from)
-    train_input = input_lib.make_input_fn(cfg.train_files, True, cfg)
+    train_input = input_lib.make_input_fn(cfg.train_files, True, cfg,
+                                          shard=distribution.input_shard(estimator.config))
     stop = guard.StopOnSignalHook()
     try:
         if cfg.mode == "train":
             estimator.train(train_input, max_steps=cfg.max_steps, hooks=[stop])
             result = None
+        elif in_memory_evaluation(cfg):
+            eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
+            result = _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
         else:
             eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
+            cluster = bool(distribution.tf_config().get("cluster"))
             exporters = export.training_exporters(cfg) if cfg.export_during_training else []
             # Each evaluation reads the checkpoint saved every eval_every_steps; throttle_secs=0
-            # lets every one of them be evaluated instead of one per 10 minutes.
+            # lets every one of them be evaluated instead of one per 10 minutes. An evaluator
+            # task polls for new checkpoints every 5 s, not in a busy loop.
             train_spec = tf.estimator.TrainSpec(train_input, max_steps=cfg.max_steps,
                                                 hooks=[stop])
             eval_spec = tf.estimator.EvalSpec(eval_input, steps=cfg.eval_steps or None,
                                               exporters=exporters, start_delay_secs=0,
-                                              throttle_secs=0)
+                                              throttle_secs=5 if cluster else 0)
             out = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
             result = printable_metrics(out[0]) if out and out[0] else None
     except v1.train.NanLossDuringTrainingError:
@@ -146,13 +183,76 @@ def fit(cfg: Config, warm_start_from=None):
         # decode the message itself.
         raise guard.TrainingError(_not_examples(cfg)) from None
     finally:
-        guard.release_lock(cfg.model_dir)
+        if distribution.is_chief():
+            guard.release_lock(cfg.model_dir)
+    distribution.remove_worker_copies(cfg)
     if stop.signum is not None:
         raise guard.Interrupted(stop.signum, (
             f"stopped by {signal.Signals(stop.signum).name} at "
             f"{tf.train.latest_checkpoint(cfg.model_dir)} (checkpoint saved); run the same "
             f"command again to resume"))
     return result
+
+
+BEST_DIR = "best"  # model_dir/best: the checkpoint of the best evaluation so far
+
+
+def in_memory_evaluation(cfg: Config):
+    """train_and_evaluate in one process evaluates in memory (hooks.InMemoryEvaluation): no
+    graph rebuild and no checkpoint restore per evaluation. Clusters, strategies and weight
+    moving averages go through tf.estimator.train_and_evaluate."""
+    return (cfg.in_memory_eval and cfg.mode == "train_and_evaluate"
+            and cfg.distribution_strategy == "none"
+            and cfg.moving_average_decay == 0 and not distribution.tf_config().get("cluster"))
+
+
+def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop):
+    """Trains with an evaluation every cfg.eval_every_steps and at the end. The weights of the
+    best evaluation by top-1 (this run's and earlier runs' in the same model_dir) are saved to
+    model_dir/best; with cfg.export_during_training, model_dir/export/best and export/latest
+    get SavedModels of them and of the final weights. Returns the last evaluation's metrics."""
+    best_dir = os.path.join(cfg.model_dir, BEST_DIR)
+    record = os.path.join(best_dir, "best_eval.json")
+    best = {"accuracy": -1.0}
+    if os.path.exists(record):
+        with open(record) as f:
+            best = json.load(f)
+    state = {"last": None, "best_changed": False}
+    savers = {}
+
+    class SaveBest(v1.train.SessionRunHook):
+        def begin(self):  # the training graph: a Saver of the model's variables
+            trainable = {v.op.name for v in v1.trainable_variables()}
+            savers["best"] = v1.train.Saver(  # no optimizer slots: what an export reads
+                [v for v in v1.global_variables() if v.op.name in trainable
+                 or v.op.name.endswith(("moving_mean", "moving_variance"))]
+                + [v1.train.get_global_step()], max_to_keep=1)
+
+    def on_result(metrics, train_session):
+        state["last"] = metrics
+        if metrics["accuracy"] > best["accuracy"]:
+            step = int(metrics["global_step"])
+            savers["best"].save(train_session, os.path.join(best_dir, "model.ckpt"), step,
+                                write_meta_graph=False)
+            best.update(accuracy=float(metrics["accuracy"]), global_step=step)
+            write_json(best, record)
+            state["best_changed"] = True
+
+    from estimator_mnv2 import hooks
+
+    evaluation = hooks.InMemoryEvaluation(estimator, eval_input, cfg.eval_steps or None,
+                                          cfg.eval_every_steps, on_result)
+    estimator.train(train_input, max_steps=cfg.max_steps, hooks=[SaveBest(), evaluation, stop])
+    if cfg.export_during_training and state["last"] is not None:  # something was trained
+        exports = [("latest", tf.train.latest_checkpoint(cfg.model_dir))]
+        if state["best_changed"]:
+            exports.append(("best", tf.train.latest_checkpoint(best_dir)))
+        for name, checkpoint in exports:
+            path = export.export_saved_model(estimator, cfg,
+                                             os.path.join(cfg.model_dir, "export", name),
+                                             checkpoint)
+            logging.info("exported the %s model (%s) to %s", name, checkpoint, path)
+    return printable_metrics(state["last"]) if state["last"] else None
 
 
 def _undecodable(cfg, error):

@@ -1,8 +1,10 @@
 """model_fn, optimization and the training entry points, on a real Estimator and real files."""
 
 import glob
+import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -119,6 +121,18 @@ def test_end_to_end_train_evaluate_resume(trained_model_dir, data_dir):
     assert metrics["global_step"] == 4 and 0.0 <= metrics["accuracy"] <= 1.0
     assert set(metrics) >= {"accuracy", "top_5_accuracy", "mean_per_class_accuracy", "loss"}
     assert "confusion_matrix" not in metrics  # image summary, not a number
+    # The evaluations ran in memory (no checkpoint restore) on the very weights of the
+    # checkpoint of their step.
+    in_memory = {e.step: e.value for e in acc.Scalars("loss")}
+    assert in_memory[4] == pytest.approx(metrics["loss"], rel=1e-5)
+    # The best evaluation's weights, without the optimizer's slots, for the best export.
+    with open(os.path.join(trained_model_dir, "best", "best_eval.json")) as f:
+        best = json.load(f)
+    best_ckpt = tf.train.latest_checkpoint(os.path.join(trained_model_dir, "best"))
+    assert best_ckpt.endswith(f"model.ckpt-{best['global_step']}")
+    assert best["accuracy"] == max(e.value for e in acc.Scalars("accuracy"))
+    names = [name for name, _ in tf.train.list_variables(best_ckpt)]
+    assert "mobilenetv2/logits/w" in names and not any("Adam" in n for n in names)
 
     # The same command with a higher target resumes from step 4.
     runner.train(tiny_config(trained_model_dir, data_dir, train_steps=6, mode="train"))
@@ -170,6 +184,26 @@ def test_bad_flags_fail_before_anything_is_written(tmp_path, data_dir):
         assert r.returncode == 2, r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
         assert not model_dir.exists()
+
+
+def test_labels_outside_num_classes_are_refused_before_anything_is_written(tmp_path, data_dir):
+    """Records from elsewhere (no labels.txt to compare with): a sample of their labels is
+    read up front, so a wrong --num_classes or --label_offset costs no half-written model_dir."""
+    model_dir = tmp_path / "m"
+    common = [f"--model_dir={model_dir}", f"--train_files={data_dir}/train-*",
+              f"--eval_files={data_dir}/validation-*", "--train_steps=1", "--image_size=32",
+              "--lr_schedule=constant"]
+    for extra, message in (
+            (["--num_classes=2"], r"--num_classes: 2 classes, but the records have labels "
+                                  r"outside \[0, 2\) \(\S+/train-0000[01]-of-00002: label 2"),
+            (["--num_classes=3", "--label_offset=1"],
+             r"outside \[0, 3\) after --label_offset=1 \(\S+-of-0000[12]: label -1")):
+        r = run_script("train.py", *common, *extra)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert re.search(message, r.stderr.strip().splitlines()[-1]), r.stderr[-500:]
+        assert not model_dir.exists()
+    # The right class count passes the check.
+    runner.check_labels(tiny_config(str(model_dir), data_dir, class_names=()))
 
 
 def test_model_dir_with_another_architecture_is_refused(trained_model_dir, data_dir):

@@ -61,6 +61,30 @@ def find_undecodable_record(files, fmt: schema.RecordFormat):
     return None
 
 
+def scan_labels(files, fmt: schema.RecordFormat, num_classes, max_records):
+    """Reads the labels of up to `max_records` records, spread evenly over the head of every
+    file (only the label feature is parsed; unreadable records are passed over, training
+    names them). Returns (records scanned, [(file, label)] of the first few labels outside
+    [0, num_classes), after fmt.label_offset)."""
+    per_file = max(1, -(-max_records // len(files)))
+    label_only = {fmt.label_key: tf.io.FixedLenFeature([], tf.int64)}
+
+    def labels_of(filename):
+        records = tf.data.TFRecordDataset(filename).take(per_file)
+        return records.map(lambda r: (tf.io.parse_single_example(r, label_only)[fmt.label_key]
+                                      - fmt.label_offset, filename)).ignore_errors()
+
+    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+        labels_of, cycle_length=min(len(files), 16), num_parallel_calls=AUTOTUNE)
+    scanned, bad = 0, []
+    for labels, names in ds.batch(4096):
+        labels = labels.numpy()
+        scanned += len(labels)
+        for i in ((labels < 0) | (labels >= num_classes)).nonzero()[0][:3 - len(bad)]:
+            bad.append((names[i].numpy().decode(), int(labels[i])))
+    return scanned, bad
+
+
 def find_corrupt_files(files):
     """[(file, error)] for the TFRecord files whose records cannot be read (truncated shard,
     flipped bytes): TensorFlow's own read error does not say which file it was."""
@@ -74,7 +98,7 @@ def find_corrupt_files(files):
     return corrupt
 
 
-def make_input_fn(patterns, training, config, num_epochs=None):
+def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0)):
     """Returns `input_fn(params=None, input_context=None)` reading `patterns`.
 
     Args:
@@ -83,6 +107,8 @@ def make_input_fn(patterns, training, config, num_epochs=None):
       config: estimator_mnv2.config.Config (image size, batch sizes, record keys, num_classes,
         skip_corrupt_records).
       num_epochs: passes over the data when training (None: forever).
+      shard: (number of shards, this one) when no InputContext is passed: the chief and
+        workers of a parameter-server cluster (distribution.input_shard).
     Batch size: `config.batch_size` is the global batch; under a tf.distribute strategy each
     replica's pipeline yields batch_size / replicas.
     Errors: an image that is not JPEG/PNG/GIF/BMP and a label out of range stop the pipeline
@@ -92,6 +118,9 @@ def make_input_fn(patterns, training, config, num_epochs=None):
     files = resolve_files(patterns)
     fmt = schema.RecordFormat(config.image_key, config.label_key, config.label_offset)
     global_batch = config.batch_size if training else config.eval_batch_size
+    # Parallel reads and maps may reorder records while training, unless a seed asks for a
+    # reproducible run (the input pipeline has ample headroom over training, see benchmark.py).
+    ordered = not training or config.seed is not None
 
     def parse(index, record):
         serialized, filename = record
@@ -120,29 +149,31 @@ def make_input_fn(patterns, training, config, num_epochs=None):
         batch = global_batch
         ds = tf.data.Dataset.from_tensor_slices(files)
         shard_records = False
+        num_shards, shard_id = shard
         if input_context is not None:
             batch = input_context.get_per_replica_batch_size(global_batch)
-            if input_context.num_input_pipelines > 1:
-                if len(files) >= input_context.num_input_pipelines:
-                    ds = ds.shard(input_context.num_input_pipelines,
-                                  input_context.input_pipeline_id)
-                else:  # fewer files than workers: split the records instead
-                    shard_records = True
+            num_shards = input_context.num_input_pipelines
+            shard_id = input_context.input_pipeline_id
+        if num_shards > 1:
+            if len(files) >= num_shards:
+                ds = ds.shard(num_shards, shard_id)
+            else:  # fewer files than workers: split the records instead
+                shard_records = True
         if training:
             ds = ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=True)
         ds = ds.interleave(read, cycle_length=min(len(files), 8),
-                           num_parallel_calls=AUTOTUNE, deterministic=not training)
+                           num_parallel_calls=AUTOTUNE, deterministic=ordered)
         if shard_records:
-            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+            ds = ds.shard(num_shards, shard_id)
         if config.cache:
             ds = ds.cache()  # the serialized records: small data sets stop touching the disk
         if training:
             ds = ds.shuffle(config.shuffle_buffer, seed=config.seed).repeat(num_epochs)
         ds = ds.enumerate().map(parse, num_parallel_calls=AUTOTUNE,
-                                deterministic=not training)
+                                deterministic=ordered)
         if config.skip_corrupt_records:
             ds = ds.ignore_errors(log_warning=True)
-        ds = ds.map(check_label, num_parallel_calls=AUTOTUNE, deterministic=not training)
+        ds = ds.map(check_label, num_parallel_calls=AUTOTUNE, deterministic=ordered)
         ds = ds.batch(batch, drop_remainder=training)
         return ds.prefetch(AUTOTUNE)
 

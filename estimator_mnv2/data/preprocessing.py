@@ -54,20 +54,22 @@ def preprocess_for_eval(image, image_size, central_fraction=0.875):
     """Central crop of `central_fraction` of each side, resized, scaled to [-1, 1].
 
     Args:
-      image: uint8 [H, W, 3] (or float in 0..255).
+      image: uint8 [H, W, 3] (or float in 0..255), or a batch [N, H, W, 3] of one size (the
+        serving signature transforms a whole batch at once, with the same result per image).
       image_size: output height and width.
       central_fraction: side fraction kept around the centre, in (0, 1].
     Returns:
-      float32 [image_size, image_size, 3] in [-1, 1].
+      float32 [image_size, image_size, 3] (or [N, ...]) in [-1, 1].
     """
     if not 0.0 < central_fraction <= 1.0:
         raise ValueError(f"central_fraction must be in (0, 1], got {central_fraction}")
     if central_fraction < 1.0:
         shape = tf.shape(image)
-        h, w = shape[0], shape[1]
+        h, w = shape[-3], shape[-2]
         crop_h = tf.maximum(tf.cast(tf.cast(h, tf.float32) * central_fraction, tf.int32), 1)
         crop_w = tf.maximum(tf.cast(tf.cast(w, tf.float32) * central_fraction, tf.int32), 1)
-        image = tf.slice(image, [(h - crop_h) // 2, (w - crop_w) // 2, 0], [crop_h, crop_w, 3])
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        image = image[..., top:top + crop_h, left:left + crop_w, :]
     image = _resize(image, image_size)
-    image.set_shape([image_size, image_size, 3])
+    image.set_shape(image.shape[:-3].concatenate([image_size, image_size, 3]))
     return to_unit_range(image)

@@ -1,0 +1,88 @@
+"""Mixed precision and XLA for training (--precision, --xla).
+
+Mixed precision keeps every variable in float32 and runs the network in bfloat16 or float16:
+convolution weights are cast on read by a variable-scope getter, batch norm keeps float32
+scale, offset and statistics (fused batch norm takes low-precision activations with float32
+parameters), and the logits return to float32 before softmax and loss. float16 adds dynamic
+loss scaling so small gradients do not underflow. Training and evaluation use the compute
+type; PREDICT (and so every export) stays float32, so SavedModels and TFLite files serve
+anywhere.
+
+Both are for GPUs. On a CPU they run but are slower; measured on this project's 2-core
+AVX-512/AMX machine (../shared/FACTS.md, MobileNetV2 at 128 px, batch 32): oneDNN bfloat16 0.6x
+and XLA about 0.04x of float32. There the pipeline warns once and goes on.
+"""
+
+import tensorflow as tf
+from absl import logging
+
+from estimator_mnv2.config import Config
+
+v1 = tf.compat.v1
+
+_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
+# Variables read in the compute type; batch-norm parameters and statistics stay float32.
+_CAST_VARIABLES = ("/w", "/bias")
+
+CPU_WARNINGS = {
+    "bfloat16": "--precision=bfloat16 on a machine without a GPU: it runs, but oneDNN's "
+                "bfloat16 measured 0.6x the float32 speed on a 2-core AVX-512/AMX CPU "
+                "(FACTS.md); float32 is faster here",
+    "float16": "--precision=float16 on a machine without a GPU: CPUs have no fast float16 "
+               "convolutions, expect it to be slower than float32",
+    "xla": "--xla on a machine without a GPU: XLA measured about 0.04x the float32 speed on "
+           "a 2-core AVX-512/AMX CPU (FACTS.md)",
+}
+
+
+def compute_dtype(cfg: Config, mode):
+    if mode == tf.estimator.ModeKeys.PREDICT:
+        return tf.float32
+    return _DTYPES[cfg.precision]
+
+
+def _casting_getter(dtype):
+    def cast_on_read(getter, name, *args, **kwargs):
+        var = getter(name, *args, **kwargs)  # float32, with its L2 regularizer
+        if name.endswith(_CAST_VARIABLES):
+            return tf.cast(var, dtype)
+        return var
+    return cast_on_read
+
+
+def build_network(build, images, dtype):
+    """Runs `build(images)` (returning (logits, endpoints)) in `dtype` with float32 variables;
+    the logits come back float32."""
+    if dtype == tf.float32:
+        return build(images)
+    with v1.variable_scope(v1.get_variable_scope(), custom_getter=_casting_getter(dtype)):
+        logits, endpoints = build(tf.cast(images, dtype))
+    return tf.cast(logits, tf.float32), endpoints
+
+
+def wrap_optimizer(optimizer, cfg: Config):
+    """float16: dynamic loss scaling (steps with non-finite gradients are skipped and the scale
+    lowered)."""
+    if cfg.precision != "float16":
+        return optimizer
+    return v1.mixed_precision.MixedPrecisionLossScaleOptimizer(optimizer, loss_scale="dynamic")
+
+
+def session_config(cfg: Config):
+    """ConfigProto with XLA's global JIT for --xla, else None."""
+    if not cfg.xla:
+        return None
+    config = v1.ConfigProto()
+    config.graph_options.optimizer_options.global_jit_level = v1.OptimizerOptions.ON_1
+    return config
+
+
+def warn_without_gpu(cfg: Config):
+    """One warning per setting that this machine cannot speed up; returns them."""
+    if tf.config.list_physical_devices("GPU"):
+        return []
+    warnings = [CPU_WARNINGS[k] for k in (cfg.precision, "xla" if cfg.xla else None)
+                if k in CPU_WARNINGS]
+    for w in warnings:
+        logging.warning("%s", w)
+    return warnings

@@ -1,0 +1,153 @@
+"""Runs a TF_CONFIG cluster of train.py processes on this machine, on loopback ports.
+
+  python scripts/launch_local_cluster.py --workers 1 --ps 1 -- \\
+      --distribution_strategy=parameter_server --model_dir runs/cluster --data_dir data/digits \\
+      --image_size 32 --width 0.35 --train_steps 200
+
+Every task (chief, workers, ps, evaluator) is a separate `scripts/train.py` process with the
+flags after `--` and its own TF_CONFIG, exactly what each machine of a real cluster runs (there,
+set TF_CONFIG per machine by hand or by the cluster manager, with the same flags). Logs stream
+with a [task] prefix. The ps tasks serve until stopped: the launcher stops them once the chief,
+workers and evaluator have finished, and exits non-zero if any task failed (stopping the rest).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("workers", 1, "Worker tasks besides the chief.")
+flags.DEFINE_integer("ps", 1, "Parameter-server tasks (0 for multi_worker_mirrored).")
+flags.DEFINE_bool("evaluator", True, "Run an evaluator task (evaluates each checkpoint).")
+flags.DEFINE_integer("timeout", 0, "Stop everything and fail after this many seconds (0: none).")
+FLAGS = flags.FLAGS
+
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def cluster_spec(workers, ps):
+    ports = iter(free_ports(1 + workers + ps))
+    spec = {"chief": [f"127.0.0.1:{next(ports)}"],
+            "worker": [f"127.0.0.1:{next(ports)}" for _ in range(workers)],
+            "ps": [f"127.0.0.1:{next(ports)}" for _ in range(ps)]}
+    return {k: v for k, v in spec.items() if v}
+
+
+class Task:
+    def __init__(self, kind, index, cluster, train_args, print_lock):
+        self.name = kind if kind in ("chief", "evaluator") else f"{kind}:{index}"
+        self.kind = kind
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": kind, "index": index}}))
+        self.started = time.time()
+        self.ended = None
+        self.proc = subprocess.Popen([sys.executable, TRAIN, *train_args], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                                     start_new_session=True)
+        self._reader = threading.Thread(target=self._stream, args=(print_lock,), daemon=True)
+        self._reader.start()
+
+    def _stream(self, lock):
+        for line in self.proc.stdout:
+            with lock:
+                sys.stdout.write(f"[{self.name}] {line}")
+                sys.stdout.flush()
+
+    def poll(self):
+        rc = self.proc.poll()
+        if rc is not None and self.ended is None:
+            self.ended = time.time()
+            self._reader.join(timeout=5)
+        return rc
+
+    def stop(self, grace=10.0):
+        """SIGTERM (train.py then saves a checkpoint), SIGKILL after `grace` seconds."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.poll()
+
+
+def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5):
+    """Runs the cluster; returns 0 if the chief, workers and evaluator all succeeded."""
+    cluster = cluster_spec(workers, ps)
+    lock = threading.Lock()
+    print(f"cluster: {json.dumps(cluster)}", flush=True)
+    servers = [Task("ps", i, cluster, train_args, lock) for i in range(ps)]
+    trainers = [Task("chief", 0, cluster, train_args, lock)]
+    trainers += [Task("worker", i, cluster, train_args, lock) for i in range(workers)]
+    if evaluator:
+        trainers.append(Task("evaluator", 0, cluster, train_args, lock))
+    tasks = servers + trainers
+    failed = None
+    interrupted = []
+    previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    start = time.time()
+    try:
+        while failed is None:
+            if interrupted:
+                failed = f"launcher got {signal.Signals(interrupted[0]).name}"
+                break
+            if timeout and time.time() - start > timeout:
+                failed = f"timed out after {timeout} s"
+                break
+            for t in trainers:
+                rc = t.poll()
+                if rc not in (None, 0):
+                    failed = f"{t.name} exited with code {rc}"
+            for t in servers:
+                if t.poll() is not None:
+                    failed = f"{t.name} exited on its own with code {t.proc.returncode}"
+            if failed is None and all(t.poll() == 0 for t in trainers):
+                break
+            time.sleep(poll_seconds)
+    finally:
+        for t in reversed(tasks):  # the trainers first, then the ps tasks they depend on
+            t.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print("task          exit  seconds", flush=True)
+    for t in tasks:
+        how = "stopped" if t in servers and failed is None else str(t.proc.returncode)
+        print(f"{t.name:<13} {how:>4}  {(t.ended or time.time()) - t.started:7.1f}")
+    if failed:
+        print(f"cluster failed: {failed}", file=sys.stderr, flush=True)
+        return 1
+    print("cluster finished: all tasks succeeded", flush=True)
+    return 0
+
+
+def main(argv):
+    train_args = argv[1:]
+    if not train_args:
+        raise app.UsageError("give train.py's flags after --")
+    if FLAGS.workers < 0 or FLAGS.ps < 0:
+        raise app.UsageError("--workers and --ps must be >= 0")
+    sys.exit(run(train_args, FLAGS.workers, FLAGS.ps, FLAGS.evaluator, FLAGS.timeout))
+
+
+if __name__ == "__main__":
+    app.run(main)
