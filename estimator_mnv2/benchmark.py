@@ -43,15 +43,19 @@ def steady_rate(times, batch_size, warmup):
     return batch_size * (len(t) - 1) / (t[-1] - t[0])
 
 
-def estimator_train_rate(cfg: Config, steps, warmup=3):
-    """Training images/s of our Estimator on synthetic data (a fresh model_dir)."""
+def estimator_train_rate(cfg: Config, steps, warmup=3, profile_dir=None):
+    """Training images/s of our Estimator on synthetic data (a fresh model_dir); with
+    `profile_dir`, the timed steps are also recorded for TensorBoard's profiler there."""
+    from estimator_mnv2 import hooks
+
     with tempfile.TemporaryDirectory() as model_dir:
         cfg = Config(**{**cfg.to_params(), "model_dir": model_dir,
                         "save_checkpoints_steps": 10 ** 9, "log_every_steps": 10 ** 9})
-        hook = _StepTimes()
+        timer = _StepTimes()
+        extra = [hooks.ProfileSteps(profile_dir, warmup, steps)] if profile_dir else []
         runner.make_estimator(cfg).train(lambda: synthetic_dataset(cfg),
-                                         steps=steps + warmup, hooks=[hook])
-    return steady_rate(hook.times, cfg.batch_size, warmup)
+                                         steps=steps + warmup, hooks=[timer, *extra])
+    return steady_rate(timer.times, cfg.batch_size, warmup)
 
 
 def keras_model(cfg: Config, bn_momentum=None):

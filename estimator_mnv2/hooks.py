@@ -117,3 +117,29 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
                 output_dir=self._eval_dir)
         self._last_step = int(result[v1.GraphKeys.GLOBAL_STEP])
         self._on_result(result, train_session)
+
+
+class ProfileSteps(v1.train.SessionRunHook):
+    """Records steps `first` .. `first + count - 1` of this process with TensorFlow's profiler
+    into `logdir` (plugins/profile/<run>/*.xplane.pb: TensorBoard's Profile tab, which needs
+    the tensorboard-plugin-profile package)."""
+
+    def __init__(self, logdir, first, count):
+        self._logdir, self._first, self._last = logdir, first, first + count - 1
+        self._step, self._on = 0, False
+
+    def before_run(self, run_context):
+        if self._step == self._first:
+            tf.profiler.experimental.start(self._logdir)
+            self._on = True
+
+    def after_run(self, run_context, run_values):
+        if self._on and self._step >= self._last:
+            tf.profiler.experimental.stop()
+            self._on = False
+        self._step += 1
+
+    def end(self, session):
+        if self._on:
+            tf.profiler.experimental.stop()
+            self._on = False

@@ -35,6 +35,9 @@ flags.DEFINE_integer("num_classes", 1000, "Classes.")
 flags.DEFINE_integer("steps", 10, "Timed training steps per trial (after 3 warm-up steps).")
 flags.DEFINE_integer("rounds", 2, "A B A B rounds per part.")
 flags.DEFINE_integer("serve_repeats", 40, "Batch-1 calls timed per serving trial.")
+flags.DEFINE_integer("profile_steps", 0, "Also record this many training steps of our "
+                     "pipeline (paper network) with TensorFlow's profiler, for TensorBoard.")
+flags.DEFINE_string("profile_dir", "runs/profile", "Where --profile_steps writes its trace.")
 flags.DEFINE_bool("json", False, "Print only the JSON line.")
 FLAGS = flags.FLAGS
 
@@ -154,6 +157,13 @@ def main(argv):
                           for name, values in serve.items()}
     if "ttv" in FLAGS.what:
         out["time_to_validated"] = time_to_validated(benchmark, say)
+    if FLAGS.profile_steps:
+        rate = benchmark.estimator_train_rate(base, FLAGS.profile_steps,
+                                              profile_dir=FLAGS.profile_dir)
+        say(f"profiled {FLAGS.profile_steps} training steps ({rate:.1f} images/s while "
+            f"profiling): tensorboard --logdir {FLAGS.profile_dir}  (Profile tab; needs "
+            f"pip install tensorboard-plugin-profile)")
+        out["profile_dir"] = FLAGS.profile_dir
     print(json.dumps(out, sort_keys=True))
     return 0
 

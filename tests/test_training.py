@@ -212,3 +212,14 @@ def test_model_dir_with_another_architecture_is_refused(trained_model_dir, data_
     assert r.returncode == 2
     assert "--width=0.5 but model_dir has 0.35" in r.stderr.strip().splitlines()[-1]
     assert not glob.glob(os.path.join(trained_model_dir, "model.ckpt-8*"))
+
+
+def test_profile_steps_write_a_trace_for_tensorboard(data_dir, tmp_path):
+    """benchmark.py --profile_steps: the timed steps recorded by TensorFlow's profiler."""
+    from estimator_mnv2 import benchmark
+
+    logdir = str(tmp_path / "profile")
+    rate = benchmark.estimator_train_rate(tiny_config(str(tmp_path / "m"), data_dir), steps=2,
+                                          warmup=1, profile_dir=logdir)
+    assert rate > 0
+    assert glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb"))
