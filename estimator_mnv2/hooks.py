@@ -68,9 +68,11 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
     averages of --moving_average_decay are read through one).
     """
 
-    def __init__(self, estimator, input_fn, steps, every_n_steps, on_result):
+    def __init__(self, estimator, input_fn, steps, every_n_steps, on_result,
+                 interrupted=lambda: False):
         super().__init__(estimator, input_fn, steps=steps, every_n_iter=every_n_steps)
         self._every, self._on_result = every_n_steps, on_result
+        self._interrupted = interrupted  # no final evaluation when a signal stopped training
         self._ready = False
         self._last_step = None
 
@@ -96,6 +98,8 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
             self._evaluate(run_context.session)
 
     def end(self, session):
+        if self._interrupted():
+            return
         if int(session.run(self._step_tensor)) != self._last_step:
             self._evaluate(session)
 

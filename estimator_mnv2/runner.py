@@ -240,10 +240,12 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
 
     from estimator_mnv2 import hooks
 
+    interrupted = lambda: stop.signum is not None  # noqa: E731
     evaluation = hooks.InMemoryEvaluation(estimator, eval_input, cfg.eval_steps or None,
-                                          cfg.eval_every_steps, on_result)
+                                          cfg.eval_every_steps, on_result, interrupted)
     estimator.train(train_input, max_steps=cfg.max_steps, hooks=[SaveBest(), evaluation, stop])
-    if cfg.export_during_training and state["last"] is not None:  # something was trained
+    # Exports once something was trained and evaluated, and not on the way out after a signal.
+    if cfg.export_during_training and state["last"] is not None and not interrupted():
         exports = [("latest", tf.train.latest_checkpoint(cfg.model_dir))]
         if state["best_changed"]:
             exports.append(("best", tf.train.latest_checkpoint(best_dir)))
