@@ -90,28 +90,25 @@ class Predictor:
         config = v1.ConfigProto()
         config.graph_options.rewrite_options.dependency_optimization = (
             rewriter_config_pb2.RewriterConfig.OFF)
-        graph = tf.Graph()
-        with v1.Session(graph=graph, config=config) as session:
-            meta = v1.saved_model.loader.load(session, ["serve"], saved_model_dir)
-            if signature not in meta.signature_def:
-                raise KeyError(f"{saved_model_dir} has no signature {signature!r} (it has "
-                               f"{', '.join(sorted(meta.signature_def))})")
-            sig = meta.signature_def[signature]
-            outputs = [v.name.split(":")[0] for v in sig.outputs.values()]
+        self.graph = tf.Graph()
+        self.session = v1.Session(graph=self.graph, config=config)
+        meta = v1.saved_model.loader.load(self.session, ["serve"], saved_model_dir)
+        if signature not in meta.signature_def:
+            self.session.close()
+            raise KeyError(f"{saved_model_dir} has no signature {signature!r} (it has "
+                           f"{', '.join(sorted(meta.signature_def))})")
+        sig = meta.signature_def[signature]
+        if freeze:
             # Weights as constants: grappler then folds the inference batch norm into the
             # convolutions, which it cannot do while they are variables.
-            frozen = (v1.graph_util.convert_variables_to_constants(
-                session, graph.as_graph_def(), outputs) if freeze else None)
-        if frozen is None:  # keep the loaded graph and its variables
-            self.graph, self.session = graph, v1.Session(graph=graph, config=config)
-            v1.saved_model.loader.load(self.session, ["serve"], saved_model_dir)
-            self.inputs = {k: graph.get_tensor_by_name(v.name) for k, v in sig.inputs.items()}
-            self.outputs = {k: graph.get_tensor_by_name(v.name) for k, v in sig.outputs.items()}
-            return
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            tf.graph_util.import_graph_def(frozen, name="")
-        self.session = v1.Session(graph=self.graph, config=config)
+            frozen = v1.graph_util.convert_variables_to_constants(
+                self.session, self.graph.as_graph_def(),
+                [v.name.split(":")[0] for v in sig.outputs.values()])
+            self.session.close()
+            self.graph = tf.Graph()
+            with self.graph.as_default():
+                tf.graph_util.import_graph_def(frozen, name="")
+            self.session = v1.Session(graph=self.graph, config=config)
         self.inputs = {k: self.graph.get_tensor_by_name(v.name) for k, v in sig.inputs.items()}
         self.outputs = {k: self.graph.get_tensor_by_name(v.name) for k, v in sig.outputs.items()}
 

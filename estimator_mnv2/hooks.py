@@ -75,6 +75,8 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
         self._every, self._on_result = every_n_steps, on_result
         self._interrupted = interrupted  # no final evaluation when a signal stopped training
         self._ready = False
+        self._due = False  # an evaluation to run before the next step
+        self._session = None  # on the evaluation graph, open from the first evaluation
         self._last_step = None
 
     def begin(self):
@@ -94,7 +96,7 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
     def before_run(self, run_context):
         # A due evaluation runs before the next step rather than after the last one, so that
         # ProgressHook's examples/s times training steps only.
-        if getattr(self, "_due", False):
+        if self._due:
             self._due = False
             self._evaluate(run_context.session)
 
@@ -111,7 +113,7 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
         if not self._ready:
             return
         started = time.time()
-        if getattr(self, "_session", None) is None:
+        if self._session is None:
             with self._graph.as_default():
                 self._scaffold.finalize()
                 for hook in self._all_hooks:
@@ -144,7 +146,7 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
         try:
             self._final_evaluation(session)
         finally:
-            if getattr(self, "_session", None) is not None:
+            if self._session is not None:
                 self._session.close()
                 self._session = None
 
