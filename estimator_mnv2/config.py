@@ -24,6 +24,7 @@ SCHEDULES = ("constant", "exponential", "cosine", "piecewise")
 MODES = ("train", "evaluate", "train_and_evaluate")
 STRATEGIES = ("none", "mirrored", "multi_worker_mirrored", "parameter_server")
 PRECISIONS = ("float32", "bfloat16", "float16")
+GRAPPLER_MODES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -94,11 +95,13 @@ class Config:
     train_epochs: float = 0.0
     save_checkpoints_steps: int = 0  # 0: every eval_every_steps (or 1000)
     keep_checkpoint_max: int = 5
+    save_graph_def: bool = False  # graph.pbtxt and a .meta per checkpoint (Estimator's default)
     eval_every_steps: int = 1000
     eval_steps: int = 0  # 0: the whole evaluation set
     log_every_steps: int = 100
     in_memory_eval: bool = True  # one process: evaluate the session's weights, no restore
     export_during_training: bool = True  # best (by top-1) and latest SavedModels per evaluation
+    stop_at_accuracy: float = 0.0  # stop once an evaluation's top-1 reaches this (0: never)
     seed: Optional[int] = None
 
     # Scale-out and speed (estimator_mnv2/distribution.py).
@@ -107,6 +110,7 @@ class Config:
     num_cpu_devices: int = 0  # mirrored without GPUs: split the CPU into this many devices
     precision: str = "float32"  # compute type; variables stay float32
     xla: bool = False
+    grappler: str = "auto"  # TensorFlow's graph optimizer on the training graph
 
     @property
     def steps_per_epoch(self):
@@ -195,6 +199,12 @@ class Config:
              f"must be in 0..64, got {self.num_cpu_devices}")
         need(self.precision in PRECISIONS, "precision",
              f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        need(0 <= self.stop_at_accuracy <= 1, "stop_at_accuracy",
+             f"must be a top-1 fraction in [0, 1], got {self.stop_at_accuracy}")
+        need(not self.stop_at_accuracy or self.mode == "train_and_evaluate", "stop_at_accuracy",
+             f"needs --mode=train_and_evaluate (evaluations to watch), not {self.mode}")
+        need(self.grappler in GRAPPLER_MODES, "grappler",
+             f"unknown setting {self.grappler!r}; known: {', '.join(GRAPPLER_MODES)}")
         need(bool(self.model_dir), "model_dir", "is required")
         need(not os.path.isfile(self.model_dir), "model_dir",
              f"{self.model_dir} is a file, not a folder")

@@ -7,6 +7,14 @@ from absl import logging
 from tensorflow_estimator.python.estimator import estimator as estimator_lib
 
 v1 = tf.compat.v1
+# Seconds a hook spent in after_run on work other than training (an evaluation), set on the
+# run's SessionRunContext, which every hook of one run shares: ProgressHook leaves them out
+# of examples/s whichever hook runs first.
+PAUSED_SECONDS = "estimator_mnv2_paused_seconds"
+
+
+def add_pause(run_context, seconds):
+    setattr(run_context, PAUSED_SECONDS, getattr(run_context, PAUSED_SECONDS, 0.0) + seconds)
 
 
 class ProgressHook(v1.train.SessionRunHook):
@@ -23,6 +31,7 @@ class ProgressHook(v1.train.SessionRunHook):
     def begin(self):
         self._fetches["step"] = v1.train.get_global_step()
         self._last = None  # (step, time) of the last line
+        self._paused = 0.0
 
     def before_run(self, run_context):
         self._run_start = time.time()
@@ -30,6 +39,7 @@ class ProgressHook(v1.train.SessionRunHook):
 
     def after_run(self, run_context, run_values):
         r, now = run_values.results, time.time()
+        self._paused = getattr(run_context, PAUSED_SECONDS, 0.0)  # by hooks before this one
         step = int(r["step"]) + 1  # the step this run completed
         if self._last is None:
             self._last = (step, now)  # the first step includes graph set-up: do not time it
@@ -37,7 +47,7 @@ class ProgressHook(v1.train.SessionRunHook):
             return
         # examples/s counts the training steps alone; time left also counts what runs between
         # them (evaluations, checkpoints).
-        self._step_seconds += now - self._run_start
+        self._step_seconds += now - self._run_start - self._paused
         done = step - self._last[0]
         if done < self._every and step < self._max_steps:
             return
@@ -65,18 +75,20 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
     with no evaluation before the first step). Results go to model_dir/eval, as
     train_and_evaluate's do, and to `on_result(metrics, train_session)`.
 
+    `on_result` returning True stops training at the evaluated step (--stop_at_accuracy).
+
     Only for one process without a strategy, and without a custom eval Saver (the moving
     averages of --moving_average_decay are read through one).
     """
 
     def __init__(self, estimator, input_fn, steps, every_n_steps, on_result,
-                 interrupted=lambda: False):
+                 interrupted=lambda: False, session_config=None):
         super().__init__(estimator, input_fn, steps=steps, every_n_iter=every_n_steps)
         self._every, self._on_result = every_n_steps, on_result
         self._interrupted = interrupted  # no final evaluation when a signal stopped training
         self._ready = False
-        self._due = False  # an evaluation to run before the next step
         self._session = None  # on the evaluation graph, open from the first evaluation
+        self._session_config = session_config
         self._last_step = None
 
     def begin(self):
@@ -89,16 +101,23 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
         self._ready = True
         self._last_step = int(session.run(self._step_tensor))
 
-    def after_run(self, run_context, run_values):
-        step = int(run_context.session.run(self._step_tensor))
-        self._due = step % self._every == 0 and step != self._last_step
-
     def before_run(self, run_context):
-        # A due evaluation runs before the next step rather than after the last one, so that
-        # ProgressHook's examples/s times training steps only.
-        if self._due:
-            self._due = False
-            self._evaluate(run_context.session)
+        return v1.train.SessionRunArgs(self._step_tensor)
+
+    def after_run(self, run_context, run_values):
+        # The step fetched with the train op may be read before or after its update: read it
+        # again only when this run may have completed an evaluation step.
+        stale = int(run_values.results)
+        if stale % self._every and (stale + 1) % self._every:
+            return
+        step = int(run_context.session.run(self._step_tensor))
+        if step % self._every or step == self._last_step:
+            return
+        started = time.time()
+        stop = self._evaluate(run_context.session)
+        add_pause(run_context, time.time() - started)
+        if stop:
+            run_context.request_stop()
 
     def _final_evaluation(self, session):
         if self._interrupted():
@@ -109,9 +128,10 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
     def _evaluate(self, train_session):
         """One evaluation in a session on the evaluation graph that stays open for the whole
         run (opening one costs about 2 s at 32 px): copy the weights in, reset the metrics,
-        restart the input, run to its end (or eval_steps), write the summaries."""
+        restart the input, run to its end (or eval_steps), write the summaries. Returns
+        on_result's verdict: True to stop training."""
         if not self._ready:
-            return
+            return False
         started = time.time()
         if self._session is None:
             with self._graph.as_default():
@@ -119,7 +139,7 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
                 for hook in self._all_hooks:
                     hook.begin()
                 self._session = v1.Session(graph=self._graph,
-                                           config=self._estimator._session_config)
+                                           config=self._session_config)
         values = train_session.run(self._var_name_to_train_var)
         self._session.run(self._var_feed_op, feed_dict={
             self._var_name_to_placeholder[name]: value for name, value in values.items()})
@@ -140,7 +160,7 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
                                if not isinstance(v, bytes)))
         estimator_lib._write_dict_to_summary(self._eval_dir, result, step)
         self._last_step = step
-        self._on_result(result, train_session)
+        return bool(self._on_result(result, train_session))
 
     def end(self, session):  # the final evaluation, then the evaluation session closes
         try:

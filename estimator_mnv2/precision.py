@@ -1,4 +1,4 @@
-"""Mixed precision and XLA for training (--precision, --xla).
+"""Mixed precision, XLA and graph optimization for training (--precision, --xla, --grappler).
 
 Mixed precision keeps every variable in float32 and runs the network in bfloat16 or float16:
 convolution weights are cast on read by a variable-scope getter, batch norm keeps float32
@@ -68,12 +68,31 @@ def wrap_optimizer(optimizer, cfg: Config):
     return v1.mixed_precision.MixedPrecisionLossScaleOptimizer(optimizer, loss_scale="dynamic")
 
 
-def session_config(cfg: Config):
-    """ConfigProto with XLA's global JIT for --xla, else None."""
-    if not cfg.xla:
-        return None
-    config = v1.ConfigProto()
-    config.graph_options.optimizer_options.global_jit_level = v1.OptimizerOptions.ON_1
+def grappler_enabled(cfg: Config, training=True):
+    """Whether a session runs grappler (TensorFlow's graph optimizer). Inference graphs always
+    do: its fusions (convolution + batch norm + activation) made evaluation 1.4x faster on this
+    project's CPU (MobileNetV2, 32 and 128 px, batch 100). The training graph skips it with
+    --grappler=off, and with auto on a machine without a GPU: there it measured the same
+    images/s (32 px: 279-309 vs 289-303; 128 px: 54-57 vs 54-55) and its one-time cost at the
+    first step was 2-3 s per run. With a GPU, auto keeps it (layout optimizer, fusions)."""
+    if not training or cfg.grappler == "on":
+        return True
+    if cfg.grappler == "off":
+        return False
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def session_config(cfg: Config, training=True):
+    """ConfigProto for a training (or evaluation) session: Estimator's default (soft
+    placement, one grappler pass), with XLA's global JIT for --xla and grappler off where
+    grappler_enabled says so."""
+    from tensorflow_estimator.python.estimator import run_config
+
+    config = run_config.get_default_session_config()
+    if cfg.xla:
+        config.graph_options.optimizer_options.global_jit_level = v1.OptimizerOptions.ON_1
+    if not grappler_enabled(cfg, training):
+        config.graph_options.rewrite_options.disable_meta_optimizer = True
     return config
 
 

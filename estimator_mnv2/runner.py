@@ -60,6 +60,10 @@ def prepare_model_dir(cfg: Config):
             except FileNotFoundError as e:
                 raise config_lib.ConfigError(field, str(e)) from None
     check_labels(cfg)
+    if cfg.stop_at_accuracy and not in_memory_evaluation(cfg):
+        raise config_lib.ConfigError("stop_at_accuracy", (
+            "needs in-memory evaluation (train_and_evaluate in one process, no strategy or "
+            "cluster, --in_memory_eval, no --moving_average_decay)"))
     if cfg.trainable_scopes and not any(
             re.search(cfg.trainable_scopes, name)
             for name in warm_start.network_variables(cfg, trainable_only=True)):
@@ -99,16 +103,20 @@ def check_labels(cfg: Config):
                 f"--{field} scanned). Set --num_classes or --label_offset to match the data."))
 
 
-def make_estimator(cfg: Config, warm_start_from=None):
+def make_estimator(cfg: Config, warm_start_from=None, training=True):
+    """The Estimator for cfg; `training` picks the session settings of a training process
+    (precision.session_config), False those of evaluation and export."""
     checkpoint_steps = cfg.save_checkpoints_steps or (
         cfg.eval_every_steps if cfg.mode == "train_and_evaluate" else 1000)
     run_config = tf.estimator.RunConfig(
         model_dir=cfg.model_dir, tf_random_seed=cfg.seed,
         save_checkpoints_steps=checkpoint_steps, keep_checkpoint_max=cfg.keep_checkpoint_max,
+        checkpoint_save_graph_def=cfg.save_graph_def,
         save_summary_steps=min(cfg.log_every_steps, 100),
         log_step_count_steps=None,  # ProgressHook logs loss, lr, examples/s and time left
         train_distribute=distribution.make_strategy(cfg),
-        session_config=precision.session_config(cfg))
+        session_config=precision.session_config(
+            cfg, training and distribution.task()[0] != "evaluator"))
     return tf.estimator.Estimator(model_fn, config=run_config, params=cfg.to_params(),
                                   warm_start_from=warm_start_from)
 
@@ -229,6 +237,7 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
                 + [v1.train.get_global_step()], max_to_keep=1)
 
     def on_result(metrics, train_session):
+        """Keeps the best weights; True (stop) once cfg.stop_at_accuracy is reached."""
         state["last"] = metrics
         if metrics["accuracy"] > best["accuracy"]:
             step = int(metrics["global_step"])
@@ -237,12 +246,18 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
             best.update(accuracy=float(metrics["accuracy"]), global_step=step)
             write_json(best, record)
             state["best_changed"] = True
+        if cfg.stop_at_accuracy and metrics["accuracy"] >= cfg.stop_at_accuracy:
+            logging.info("top-1 %.4f reached --stop_at_accuracy=%g at step %d: stopping",
+                         metrics["accuracy"], cfg.stop_at_accuracy, metrics["global_step"])
+            return True
+        return False
 
     from estimator_mnv2 import hooks
 
     interrupted = lambda: stop.signum is not None  # noqa: E731
     evaluation = hooks.InMemoryEvaluation(estimator, eval_input, cfg.eval_steps or None,
-                                          cfg.eval_every_steps, on_result, interrupted)
+                                          cfg.eval_every_steps, on_result, interrupted,
+                                          precision.session_config(cfg, training=False))
     estimator.train(train_input, max_steps=cfg.max_steps, hooks=[SaveBest(), evaluation, stop])
     # Exports once something was trained and evaluated, and not on the way out after a signal.
     if cfg.export_during_training and state["last"] is not None and not interrupted():
@@ -285,7 +300,7 @@ def input_error_summary(error):
 
 def evaluate(cfg: Config, checkpoint_path=None, eval_files=None, name=None):
     """Evaluates the latest (or the given) checkpoint; returns the metrics as plain numbers."""
-    estimator = make_estimator(cfg)
+    estimator = make_estimator(cfg, training=False)
     eval_input = input_lib.make_input_fn(eval_files or cfg.eval_files, False, cfg)
     result = estimator.evaluate(eval_input, steps=cfg.eval_steps or None,
                                 checkpoint_path=checkpoint_path, name=name)

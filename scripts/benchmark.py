@@ -8,6 +8,7 @@ Contenders alternate (A B A B ...) for --rounds rounds; the table shows the medi
 spread (min-max) of each, the ratio against Keras, and one JSON line at the end.
 """
 
+import itertools
 import json
 import os
 import statistics
@@ -17,6 +18,7 @@ import tempfile
 from absl import app, flags
 
 from estimator_mnv2 import flags as flag_lib
+from estimator_mnv2.config import Config
 
 flags.DEFINE_list("what", ["train", "input", "flops", "serve"],
                   "Parts to run: train, input, flops, serve, ttv (time to a validated model "
@@ -28,6 +30,9 @@ flags.DEFINE_integer("ttv_eval_every_steps", 44, "ttv: our evaluation cadence (K
                      "validates every epoch, 44 steps on digits).")
 flags.DEFINE_string("ttv_network", "mobilenet_v2", "ttv: our network; mobilenet_v2 is the one "
                     "Keras builds, so both train the same network.")
+flags.DEFINE_bool("ttv_keras_our_recipe", True, "ttv: also Keras model.fit with our "
+                  "recipe's batch size, Adam learning rate and schedule: what the recipe buys "
+                  "against what the pipeline does.")
 flags.DEFINE_integer("image_size", 128, "Input size in pixels.")
 flags.DEFINE_integer("batch_size", 32, "Training and serving batch size.")
 flags.DEFINE_float("width", 1.0, "Width multiplier.")
@@ -43,11 +48,14 @@ FLAGS = flags.FLAGS
 
 
 def alternate(contenders, rounds):
-    """{name: [result per round]}, running the contenders in turn each round."""
+    """{name: [result per round]}, running the contenders in turn each round, in reverse
+    order every other round (A B, B A, ...), so that the first run of a process (cold caches,
+    one-time initialization) does not always fall on the same contender."""
     results = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            results[name].append(fn())
+    for r in range(rounds):
+        names = list(contenders) if r % 2 == 0 else list(contenders)[::-1]
+        for name in names:
+            results[name].append(contenders[name]())
     return results
 
 
@@ -61,13 +69,28 @@ def row(name, values, unit, reference=None):
 def time_to_validated(benchmark, say):
     cfg = flag_lib.config_from_flagfile(FLAGS.digits_flags, network=FLAGS.ttv_network,
                                         eval_every_steps=FLAGS.ttv_eval_every_steps).validate()
-    results = alternate({
-        "ours: train_and_evaluate": lambda: benchmark.ours_time_to_accuracy(cfg, FLAGS.target),
-        "Keras model.fit": lambda: benchmark.keras_time_to_accuracy(
-            cfg, FLAGS.target, int(cfg.train_epochs)),
-    }, FLAGS.rounds)
+    def seeded(fn):
+        """fn(cfg with seed cfg.seed + r) on its r-th call: round r seeds every contender
+        alike."""
+        calls = itertools.count()
+        return lambda: fn(Config(**{**cfg.to_params(), "seed": (cfg.seed or 0) + next(calls)}))
+
+    epochs = int(cfg.train_epochs)
+    contenders = {
+        "ours: train_and_evaluate": seeded(
+            lambda c: benchmark.ours_time_to_accuracy(c, FLAGS.target)),
+        "Keras model.fit": seeded(
+            lambda c: benchmark.keras_time_to_accuracy(c, FLAGS.target, epochs)),
+    }
+    if FLAGS.ttv_keras_our_recipe:
+        contenders["Keras model.fit, our recipe"] = seeded(
+            lambda c: benchmark.keras_time_to_accuracy(c, FLAGS.target, epochs,
+                                                       our_recipe=True))
+    results = alternate(contenders, FLAGS.rounds)
     say(f"time to {FLAGS.target:.0%} validation top-1 on digits ({cfg.network} width "
-        f"{cfg.width}, {cfg.image_size} px; seconds from the start of training):")
+        f"{cfg.width}, {cfg.image_size} px; seconds from the start of training; ours: "
+        f"{FLAGS.digits_flags}, Keras: Adam {benchmark.KERAS_TTV_LEARNING_RATE:g} batch "
+        f"{benchmark.KERAS_TTV_BATCH_SIZE}; round r seeds both with {cfg.seed or 0} + r):")
     keras = [t for t, _, _ in results["Keras model.fit"] if t]
     for name, values in results.items():
         reached = [t for t, _, _ in values if t]
@@ -78,8 +101,16 @@ def time_to_validated(benchmark, say):
         else:
             best = ", ".join(f"{b:.1%}" for _, _, b in values if b is not None)
             say(f"  {name:<34} target not reached in {cfg.train_epochs:g} epochs (best {best})")
-    return {name: [{"seconds": t, "step": s, "best": b} for t, s, b in values]
-            for name, values in results.items()}
+    out = {name: [{"seconds": t, "step": s, "best": b} for t, s, b in values]
+           for name, values in results.items()}
+    medians = {name: statistics.median(t for t, _, _ in values if t)
+               for name, values in results.items() if any(t for t, _, _ in values)}
+    for other in ("Keras model.fit", "Keras model.fit, our recipe"):
+        if "ours: train_and_evaluate" in medians and other in medians:
+            ratio = medians["ours: train_and_evaluate"] / medians[other]
+            say(f"  ours / {other}: {ratio:.2f}x")
+            out[f"ratio_vs_{other}"] = ratio
+    return out
 
 
 def main(argv):
@@ -87,7 +118,6 @@ def main(argv):
     import numpy as np
 
     from estimator_mnv2 import benchmark
-    from estimator_mnv2.config import Config
 
     base = Config(model_dir="unused", network="mobilenet_v2", width=FLAGS.width,
                   num_classes=FLAGS.num_classes, image_size=FLAGS.image_size,

@@ -52,7 +52,8 @@ def main(argv):
                                          f"{', '.join(export.TFLITE_KINDS)}")
     except ValueError as e:
         flag_lib.fail(e)
-    path = export.export_saved_model(runner.make_estimator(cfg), cfg, export_dir, checkpoint)
+    estimator = runner.make_estimator(cfg, training=False)
+    path = export.export_saved_model(estimator, cfg, export_dir, checkpoint)
     print(f"exported {checkpoint} to {path}")
     if FLAGS.tflite:
         report_tflite(cfg, checkpoint, path)

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_script, tiny_config
+from estimator_mnv2 import config as config_lib
 from estimator_mnv2 import distribution, precision, runner
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import input_fn as input_lib
@@ -64,7 +65,7 @@ def test_cluster_on_loopback(strategy, ps, data_dir, tmp_path):
     # 2 cores it may only get a few of the steps); the model_dir has the chief's files only.
     assert re.search(r"^\[worker:0\] .*Loss for final step", out, re.M)
     assert sorted(os.listdir(model_dir)) == sorted(
-        ["checkpoint", "config.json", "eval", "graph.pbtxt"]
+        ["checkpoint", "config.json", "eval"]
         + [f for f in os.listdir(model_dir) if f.startswith(("model.ckpt-", "events."))])
     final = tf.train.latest_checkpoint(model_dir)
     step = int(final.rsplit("-", 1)[1])
@@ -203,3 +204,24 @@ def test_precision_and_xla_warn_without_a_gpu():
     assert precision.warn_without_gpu(Config()) == []
     proto = precision.session_config(cfg)
     assert proto.graph_options.optimizer_options.global_jit_level == v1.OptimizerOptions.ON_1
+
+
+def test_grappler_is_off_for_cpu_training_only(tmp_path):
+    """--grappler=auto: no graph optimizer on the training graph of a machine without a GPU
+    (its start-up cost buys no training speed there), always on evaluation graphs; every
+    session keeps Estimator's soft placement."""
+    off = lambda proto: proto.graph_options.rewrite_options.disable_meta_optimizer  # noqa: E731
+    cfg = Config(model_dir=str(tmp_path))
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert off(precision.session_config(cfg)) == (not has_gpu)
+    assert not off(precision.session_config(cfg, training=False))
+    assert off(precision.session_config(Config(grappler="off")))
+    assert not off(precision.session_config(Config(grappler="on")))
+    assert off(precision.session_config(Config(grappler="off"), training=False)) is False
+    assert all(precision.session_config(c).allow_soft_placement
+               for c in (cfg, Config(grappler="on"), Config(xla=True)))
+    # The estimators get them: training, and evaluation (evaluate.py, export.py).
+    assert off(runner.make_estimator(cfg).config.session_config) == (not has_gpu)
+    assert not off(runner.make_estimator(cfg, training=False).config.session_config)
+    with pytest.raises(config_lib.ConfigError, match="--grappler: unknown setting 'fast'"):
+        Config(model_dir="m", num_classes=3, grappler="fast").validate(for_training=False)

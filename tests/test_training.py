@@ -115,6 +115,13 @@ def test_end_to_end_train_evaluate_resume(trained_model_dir, data_dir):
     acc = event_accumulator.EventAccumulator(os.path.join(trained_model_dir, "eval"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("accuracy")] == [2, 4]
+    # TensorBoard's Graphs tab has the training graph from the event file; no text graph.pbtxt
+    # or .meta files unless --save_graph_def.
+    train_events = event_accumulator.EventAccumulator(trained_model_dir)
+    train_events.Reload()
+    assert any(node.op == "Conv2D" for node in train_events.Graph().node)
+    assert not glob.glob(os.path.join(trained_model_dir, "*.meta"))
+    assert not os.path.exists(os.path.join(trained_model_dir, "graph.pbtxt"))
 
     cfg = tiny_config(trained_model_dir, data_dir)
     metrics = runner.evaluate(cfg)
@@ -135,8 +142,11 @@ def test_end_to_end_train_evaluate_resume(trained_model_dir, data_dir):
     assert "mobilenetv2/logits/w" in names and not any("Adam" in n for n in names)
 
     # The same command with a higher target resumes from step 4.
-    runner.train(tiny_config(trained_model_dir, data_dir, train_steps=6, mode="train"))
+    runner.train(tiny_config(trained_model_dir, data_dir, train_steps=6, mode="train",
+                             save_graph_def=True))
     assert tf.train.latest_checkpoint(trained_model_dir).endswith("model.ckpt-6")
+    assert os.path.exists(os.path.join(trained_model_dir, "model.ckpt-6.meta"))
+    assert os.path.exists(os.path.join(trained_model_dir, "graph.pbtxt"))
     saved = config_lib.load(trained_model_dir)
     assert saved.train_steps == 6 and saved.width == 0.35
 
@@ -223,3 +233,33 @@ def test_profile_steps_write_a_trace_for_tensorboard(data_dir, tmp_path):
                                           warmup=1, profile_dir=logdir)
     assert rate > 0
     assert glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb"))
+
+
+def test_stop_at_accuracy_stops_at_the_first_evaluation_that_reaches_it(tmp_path, data_dir):
+    model_dir = str(tmp_path / "m")
+    threshold = 1e-6  # any correct validation image: reached within a few steps here
+    metrics = runner.train(tiny_config(model_dir, data_dir, train_steps=8,
+                                       stop_at_accuracy=threshold))
+    acc = event_accumulator.EventAccumulator(os.path.join(model_dir, "eval"))
+    acc.Reload()
+    accuracy = [(e.step, e.value) for e in acc.Scalars("accuracy")]
+    stop = int(tf.train.latest_checkpoint(model_dir).rsplit("-", 1)[1])
+    # Stopped at the evaluated step itself: no step past it, no second final evaluation.
+    assert stop < 8 and accuracy[-1] == (stop, pytest.approx(metrics["accuracy"]))
+    assert metrics["global_step"] == stop and metrics["accuracy"] >= threshold
+    assert all(value < threshold for _, value in accuracy[:-1])
+    with open(os.path.join(model_dir, "best", "best_eval.json")) as f:
+        assert json.load(f)["global_step"] == stop
+
+
+def test_stop_at_accuracy_is_refused_where_it_cannot_apply(tmp_path, data_dir):
+    model_dir = str(tmp_path / "m")
+    with pytest.raises(config_lib.ConfigError, match="needs --mode=train_and_evaluate"):
+        tiny_config(model_dir, data_dir, mode="train", stop_at_accuracy=0.9)
+    with pytest.raises(config_lib.ConfigError, match="top-1 fraction in"):
+        tiny_config(model_dir, data_dir, stop_at_accuracy=95)
+    cfg = tiny_config(model_dir, data_dir, stop_at_accuracy=0.9, in_memory_eval=False)
+    with pytest.raises(config_lib.ConfigError) as e:
+        runner.prepare_model_dir(cfg)
+    assert e.value.field == "stop_at_accuracy" and "in-memory evaluation" in str(e.value)
+    assert not os.path.exists(model_dir)
