@@ -108,8 +108,10 @@ _HELP = {
     "grappler": "TensorFlow's graph optimizer (grappler) on the training graph: on, off, or "
                 "auto (off on a machine without a GPU, where it measured the same training "
                 "speed and cost 2-3 s at the first step of every run; on with a GPU, for its "
-                "layout and fusion passes). Evaluation and serving graphs always keep it "
-                "(1.4x faster inference here).",
+                "layout and fusion passes). In-memory evaluation, evaluate.py, export.py, "
+                "serving and an evaluator task keep it (1.4x faster inference here); "
+                "evaluations inside Estimator's own train_and_evaluate share the training "
+                "setting.",
 }
 
 

@@ -147,7 +147,8 @@ def fit(cfg: Config, warm_start_from=None):
             estimator.train(train_input, max_steps=cfg.max_steps, hooks=[stop])
             result = None
         elif in_memory_evaluation(cfg):
-            eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
+            # Its iterator restarts at every evaluation: no tf.data autotuning (see input_fn).
+            eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg, autotune=False)
             result = _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
         else:
             eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)

@@ -124,6 +124,7 @@ def main(argv):
                   batch_size=FLAGS.batch_size, optimizer="adam", learning_rate=0.001,
                   lr_schedule="constant", train_steps=1)
     article = Config(**{**base.to_params(), "network": "mobilenet_v2_article"})
+    grappler = Config(**{**base.to_params(), "grappler": "on"})
     out = {"image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size,
            "width": FLAGS.width, "num_classes": FLAGS.num_classes}
     say = (lambda *a: None) if FLAGS.json else print
@@ -136,6 +137,10 @@ def main(argv):
             "ours: paper (Estimator)": lambda: benchmark.estimator_train_rate(base, FLAGS.steps),
             "ours: article (Estimator)": lambda: benchmark.estimator_train_rate(article,
                                                                                 FLAGS.steps),
+            # --grappler auto leaves it off on a CPU-only machine: this row shows what that
+            # costs or saves in steady state.
+            "ours: paper, --grappler on": lambda: benchmark.estimator_train_rate(grappler,
+                                                                                 FLAGS.steps),
             "Keras model.fit": lambda: benchmark.keras_train_rate(base, FLAGS.steps),
         }, FLAGS.rounds)
         keras = statistics.median(train["Keras model.fit"])
