@@ -83,13 +83,16 @@ def grappler_enabled(cfg: Config, training=True):
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def session_config(cfg: Config, training=True):
-    """ConfigProto for a training (or evaluation) session: Estimator's default (soft
-    placement, one grappler pass), with XLA's global JIT for --xla and grappler off where
-    grappler_enabled says so."""
+def session_config(cfg: Config, training=True, base=None):
+    """ConfigProto for a training (or evaluation) session: `base` (the one Estimator's
+    RunConfig chose: in a TF_CONFIG cluster it carries the device filters that keep a worker
+    from waiting on tasks that have finished), else Estimator's default (soft placement, one
+    grappler pass), with XLA's global JIT for --xla and grappler off where grappler_enabled
+    says so."""
     from tensorflow_estimator.python.estimator import run_config
 
-    config = run_config.get_default_session_config()
+    config = v1.ConfigProto()
+    config.CopyFrom(base if base is not None else run_config.get_default_session_config())
     if cfg.xla:
         config.graph_options.optimizer_options.global_jit_level = v1.OptimizerOptions.ON_1
     if not grappler_enabled(cfg, training):

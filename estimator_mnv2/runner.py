@@ -114,9 +114,10 @@ def make_estimator(cfg: Config, warm_start_from=None, training=True):
         checkpoint_save_graph_def=cfg.save_graph_def,
         save_summary_steps=min(cfg.log_every_steps, 100),
         log_step_count_steps=None,  # ProgressHook logs loss, lr, examples/s and time left
-        train_distribute=distribution.make_strategy(cfg),
-        session_config=precision.session_config(
-            cfg, training and distribution.task()[0] != "evaluator"))
+        train_distribute=distribution.make_strategy(cfg))
+    # Ours on top of the session settings RunConfig derived from TF_CONFIG (device filters).
+    run_config = run_config.replace(session_config=precision.session_config(
+        cfg, training and distribution.task()[0] != "evaluator", run_config.session_config))
     return tf.estimator.Estimator(model_fn, config=run_config, params=cfg.to_params(),
                                   warm_start_from=warm_start_from)
 

@@ -206,7 +206,7 @@ def test_precision_and_xla_warn_without_a_gpu():
     assert proto.graph_options.optimizer_options.global_jit_level == v1.OptimizerOptions.ON_1
 
 
-def test_grappler_is_off_for_cpu_training_only(tmp_path):
+def test_grappler_is_off_for_cpu_training_only(tmp_path, monkeypatch):
     """--grappler=auto: no graph optimizer on the training graph of a machine without a GPU
     (its start-up cost buys no training speed there), always on evaluation graphs; every
     session keeps Estimator's soft placement."""
@@ -223,5 +223,18 @@ def test_grappler_is_off_for_cpu_training_only(tmp_path):
     # The estimators get them: training, and evaluation (evaluate.py, export.py).
     assert off(runner.make_estimator(cfg).config.session_config) == (not has_gpu)
     assert not off(runner.make_estimator(cfg, training=False).config.session_config)
+    # In a cluster, on top of the device filters RunConfig derives from TF_CONFIG (without
+    # them a parameter-server worker's session waited forever on a chief that had finished).
+    monkeypatch.setenv("TF_CONFIG", json.dumps({
+        "cluster": {"chief": ["localhost:1"], "worker": ["localhost:2"], "ps": ["localhost:3"]},
+        "task": {"type": "worker", "index": 0}}))
+    cfg = Config(model_dir=str(tmp_path), distribution_strategy="parameter_server")
+    proto = runner.make_estimator(cfg).config.session_config
+    assert list(proto.device_filters) == ["/job:ps", "/job:worker/task:0"]
+    assert off(proto) == (not has_gpu) and proto.allow_soft_placement
+    monkeypatch.setenv("TF_CONFIG", json.dumps({
+        "cluster": {"chief": ["localhost:1"], "ps": ["localhost:3"]},
+        "task": {"type": "evaluator", "index": 0}}))
+    assert not off(runner.make_estimator(cfg).config.session_config)
     with pytest.raises(config_lib.ConfigError, match="--grappler: unknown setting 'fast'"):
         Config(model_dir="m", num_classes=3, grappler="fast").validate(for_training=False)
