@@ -31,7 +31,6 @@ class ProgressHook(v1.train.SessionRunHook):
     def begin(self):
         self._fetches["step"] = v1.train.get_global_step()
         self._last = None  # (step, time) of the last line
-        self._paused = 0.0
 
     def before_run(self, run_context):
         self._run_start = time.time()
@@ -39,7 +38,7 @@ class ProgressHook(v1.train.SessionRunHook):
 
     def after_run(self, run_context, run_values):
         r, now = run_values.results, time.time()
-        self._paused = getattr(run_context, PAUSED_SECONDS, 0.0)  # by hooks before this one
+        paused = getattr(run_context, PAUSED_SECONDS, 0.0)  # by hooks before this one
         step = int(r["step"]) + 1  # the step this run completed
         if self._last is None:
             self._last = (step, now)  # the first step includes graph set-up: do not time it
@@ -47,7 +46,7 @@ class ProgressHook(v1.train.SessionRunHook):
             return
         # examples/s counts the training steps alone; time left also counts what runs between
         # them (evaluations, checkpoints).
-        self._step_seconds += now - self._run_start - self._paused
+        self._step_seconds += now - self._run_start - paused
         done = step - self._last[0]
         if done < self._every and step < self._max_steps:
             return

@@ -72,10 +72,10 @@ def grappler_enabled(cfg: Config, training=True):
     """Whether a session runs grappler (TensorFlow's graph optimizer). Evaluation-only
     sessions (training=False) always do: its fusions (convolution + batch norm + activation)
     made evaluation 1.4x faster on this project's CPU (MobileNetV2, 32 and 128 px, batch
-    100). The training graph skips it with
-    --grappler=off, and with auto on a machine without a GPU: there it measured the same
-    images/s (32 px: 279-309 vs 289-303; 128 px: 54-57 vs 54-55) and its one-time cost at the
-    first step was 2-3 s per run. With a GPU, auto keeps it (layout optimizer, fusions)."""
+    100). The training graph skips it with --grappler=off, and with auto on a machine without
+    a GPU: there it measured the same images/s (32 px: 279-309 vs 289-303; 128 px: 54-57 vs
+    54-55) and its one-time cost at the first step was 2-3 s per run. With a GPU, auto keeps
+    it (layout optimizer, fusions)."""
     if not training or cfg.grappler == "on":
         return True
     if cfg.grappler == "off":

@@ -90,21 +90,19 @@ def time_to_validated(benchmark, say):
     say(f"time to {FLAGS.target:.0%} validation top-1 on digits ({cfg.network} width "
         f"{cfg.width}, {cfg.image_size} px; seconds from the start of training; ours: "
         f"{FLAGS.digits_flags}, Keras: Adam {benchmark.KERAS_TTV_LEARNING_RATE:g} batch "
-        f"{benchmark.KERAS_TTV_BATCH_SIZE}; round r seeds both with {cfg.seed or 0} + r):")
-    keras = [t for t, _, _ in results["Keras model.fit"] if t]
+        f"{benchmark.KERAS_TTV_BATCH_SIZE}; round r seeds all with {cfg.seed or 0} + r):")
+    medians = {name: statistics.median(t for t, _, _ in values if t)
+               for name, values in results.items() if any(t for t, _, _ in values)}
     for name, values in results.items():
         reached = [t for t, _, _ in values if t]
         steps = [s for _, s, _ in values if s]
         if reached:
-            say(row(name, reached, "s", statistics.median(keras) if keras else None)
-                + f"  at steps {steps}")
+            say(row(name, reached, "s", medians.get("Keras model.fit")) + f"  at steps {steps}")
         else:
             best = ", ".join(f"{b:.1%}" for _, _, b in values if b is not None)
             say(f"  {name:<34} target not reached in {cfg.train_epochs:g} epochs (best {best})")
     out = {name: [{"seconds": t, "step": s, "best": b} for t, s, b in values]
            for name, values in results.items()}
-    medians = {name: statistics.median(t for t, _, _ in values if t)
-               for name, values in results.items() if any(t for t, _, _ in values)}
     for other in ("Keras model.fit", "Keras model.fit, our recipe"):
         if "ours: train_and_evaluate" in medians and other in medians:
             ratio = medians["ours: train_and_evaluate"] / medians[other]
