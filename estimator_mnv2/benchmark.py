@@ -11,10 +11,11 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from estimator_mnv2 import export, model_fn, runner
+from estimator_mnv2 import export, model_fn, nets, runner
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import build as build_lib
 from estimator_mnv2.data import input_fn as input_lib
+from estimator_mnv2.nets import keras_apps
 
 v1 = tf.compat.v1
 
@@ -59,9 +60,22 @@ def estimator_train_rate(cfg: Config, steps, warmup=3, profile_dir=None):
 
 
 def keras_model(cfg: Config, bn_momentum=None):
-    model = tf.keras.applications.MobileNetV2(
-        weights=None, alpha=cfg.width, classes=cfg.num_classes,
-        input_shape=(cfg.image_size, cfg.image_size, 3))
+    """applications.MobileNetV2 with its top; for a keras/<Name> cfg.network, that application
+    without its top + the head our adapter builds (Dense; MobileNetV3: Conv_2 before it)."""
+    if cfg.network.startswith(nets.KERAS_PREFIX):
+        app = cfg.network[len(nets.KERAS_PREFIX):]
+        base = keras_apps.backbone(app, cfg.image_size, cfg.width)
+        x = base.output
+        if keras_apps.pre_logits_channels(app, cfg.width):  # MobileNetV3's Conv_2, as ours
+            x = tf.keras.layers.Dense(keras_apps.pre_logits_channels(app, cfg.width))(x)
+            x = tf.keras.layers.Activation(lambda v: v * tf.nn.relu6(v + 3.0) / 6.0)(x)
+        outputs = tf.keras.layers.Dense(cfg.num_classes, activation="softmax",
+                                        name="predictions")(x)
+        model = tf.keras.Model(base.input, outputs)
+    else:
+        model = tf.keras.applications.MobileNetV2(
+            weights=None, alpha=cfg.width, classes=cfg.num_classes,
+            input_shape=(cfg.image_size, cfg.image_size, 3))
     if bn_momentum is not None:
         for layer in model.layers:
             if isinstance(layer, tf.keras.layers.BatchNormalization):
@@ -70,7 +84,7 @@ def keras_model(cfg: Config, bn_momentum=None):
 
 
 def keras_train_rate(cfg: Config, steps, warmup=3):
-    """Training images/s of Keras model.fit on applications.MobileNetV2, same data."""
+    """Training images/s of Keras model.fit on keras_model(cfg), same data."""
     tf.keras.backend.clear_session()
     model = keras_model(cfg)
     model.compile(tf.keras.optimizers.Adam(cfg.learning_rate),

@@ -133,21 +133,40 @@ class Config:
                   for k, v in params.items() if k in fields}
         return cls(**values)
 
+    def resolve_network(self):
+        """The nets.Network of --network; ConfigError naming --network if it does not
+        resolve (e.g. a model_dir's config.json naming a module that no longer imports)."""
+        try:
+            return nets.resolve(self.network)
+        except nets.NetworkError as e:
+            raise ConfigError("network", str(e)) from e
+
     def validate(self, for_training=True):
         """Raises ConfigError naming the first bad field; returns self."""
         def need(ok, field, message):
             if not ok:
                 raise ConfigError(field, message)
 
-        need(self.network in nets.NETWORKS, "network",
-             f"unknown network {self.network!r}; known: {', '.join(sorted(nets.NETWORKS))}")
+        network = self.resolve_network()
         need(0.1 <= self.width <= 2.0, "width", f"{self.width} is outside 0.1..2.0 "
              f"(published widths: {', '.join(map(str, nets.STANDARD_WIDTHS))})")
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        for hparam, field in nets.HPARAMS.items():
+            # A flag at its default always passes (shared flagfiles keep working), and so does
+            # --weight_decay=0 (no weight decay is what such a network gives).
+            unset = getattr(self, field) == defaults[field] or (
+                field == "weight_decay" and self.weight_decay == 0)
+            need(network.accepts(hparam) or unset, field,
+                 f"--network={self.network} takes no {hparam!r}; leave --{field} at its "
+                 f"default ({defaults[field]})")
         need(self.num_classes >= 2, "num_classes",
              f"need at least 2 classes, got {self.num_classes} (pass --num_classes or a "
              f"--data_dir with labels.txt)")
         need(32 <= self.image_size <= 1024, "image_size",
              f"{self.image_size} is outside 32..1024 pixels")
+        need(self.image_size >= network.min_image_size, "image_size",
+             f"{self.image_size} is below the {network.min_image_size} pixels that "
+             f"--network={self.network} needs")
         need(1 <= self.batch_size <= 8192, "batch_size", f"{self.batch_size} is outside 1..8192")
         need(1 <= self.eval_batch_size <= 8192, "eval_batch_size",
              f"{self.eval_batch_size} is outside 1..8192")
@@ -242,7 +261,14 @@ def load(model_dir) -> Optional[Config]:
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return Config.from_params(json.load(f))
+        cfg = Config.from_params(json.load(f))
+    try:
+        cfg.resolve_network()
+    except ConfigError as e:
+        raise ConfigError("network", f"{e.__cause__} (the network that {path} records: "
+                          f"evaluate, export and resume need it importable as it was when "
+                          f"training started)") from e.__cause__
+    return cfg
 
 
 def check_compatible(saved: Config, new: Config):

@@ -16,13 +16,18 @@ FLAGS = flags.FLAGS
 
 _HELP = {
     "model_dir": "Folder for checkpoints, summaries (TensorBoard), config.json and exports.",
-    "network": "Network from the registry: mobilenet_v2_article (the tutorial's graph) or "
-               "mobilenet_v2 (the paper's, Keras-compatible).",
-    "width": "Width multiplier alpha (0.35, 0.5, 0.75, 1.0, 1.3, 1.4 have ImageNet weights).",
+    "network": "mobilenet_v2_article (the tutorial's graph), mobilenet_v2 (the paper's, "
+               "Keras-compatible), keras/<Name> (any tf.keras.applications model, e.g. "
+               "keras/ResNet50) or module.path:function (your own; see --list_networks in "
+               "train.py for the contract).",
+    "width": "Width multiplier alpha (0.35, 0.5, 0.75, 1.0, 1.3, 1.4 have ImageNet weights); "
+             "keras/<Name>: the MobileNets' alpha, 1.0 for the others.",
     "num_classes": "Number of classes (0: from labels.txt in --data_dir).",
     "weight_decay": "L2 weight decay (scale * sum(w^2) / 2, as TF-slim).",
-    "bn_momentum": "Batch-norm moving-average momentum (default: the network's, 0.9). Lower "
-                   "it for short runs: the statistics must settle before evaluation.",
+    "bn_momentum": "Batch-norm moving-average momentum (default: the network's, 0.9; also "
+                   "0.9 for keras/<Name>, whose own 0.99-0.999 leave the statistics unusable "
+                   "after a short run). Lower it for short runs: the statistics must settle "
+                   "before evaluation.",
     "label_smoothing": "Label smoothing of the cross-entropy targets.",
     "train_files": "Comma-separated TFRecord file patterns for training.",
     "eval_files": "Comma-separated TFRecord file patterns for evaluation.",
@@ -69,7 +74,9 @@ _HELP = {
     "trainable_scopes": "Regex: only variables whose name matches train (e.g. 'logits' or "
                         "'res8_1|conv9_1|logits'); the rest stay frozen.",
     "freeze_batch_norm": "Run batch norm outside --trainable_scopes in inference mode, keeping "
-                         "its statistics (all batch norm, without --trainable_scopes).",
+                         "its statistics (all batch norm, without --trainable_scopes). "
+                         "keras/<Name>: Keras's trainable=False, which also freezes the "
+                         "layers' scale and offset.",
     "mode": "train, evaluate or train_and_evaluate.",
     "train_steps": "Train until this global step.",
     "train_epochs": "Train for this many epochs (when --train_steps is 0).",
@@ -107,8 +114,9 @@ _HELP = {
     "xla": "Compile the training step with XLA (GPUs; a CPU gets a warning).",
     "grappler": "TensorFlow's graph optimizer (grappler) on the training graph: on, off, or "
                 "auto (off on a machine without a GPU, where it measured the same training "
-                "speed and cost 2-3 s at the first step of every run; on with a GPU, for its "
-                "layout and fusion passes). In-memory evaluation, evaluate.py, export.py, "
+                "speed for our MobileNetV2s and cost 2-3 s at the first step of every run; "
+                "on for keras/<Name> networks, e.g. keras/EfficientNetB0 trained 1.3x faster "
+                "with it, and with a GPU). In-memory evaluation, evaluate.py, export.py, "
                 "serving and an evaluator task keep it (1.4x faster inference here); "
                 "evaluations inside Estimator's own train_and_evaluate share the training "
                 "setting.",

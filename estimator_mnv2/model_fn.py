@@ -5,25 +5,86 @@ import re
 import tensorflow as tf
 
 from estimator_mnv2 import hooks, metrics, nets, optimization, precision
-from estimator_mnv2.config import Config
+from estimator_mnv2.config import Config, ConfigError
 from estimator_mnv2.data import input_fn
 
 v1 = tf.compat.v1
 ModeKeys = tf.estimator.ModeKeys
 
 
+def network_hparams(cfg: Config, network: nets.Network):
+    """The hyper-parameters (nets.HPARAMS) that `network` takes, from cfg."""
+    values = {"width": cfg.width, "weight_decay": cfg.weight_decay}
+    if cfg.bn_momentum is not None:
+        values["bn_momentum"] = cfg.bn_momentum
+    if cfg.freeze_batch_norm:
+        values["bn_train_scopes"] = cfg.trainable_scopes or "(?!)"  # (?!): matches nothing
+    return {k: v for k, v in values.items() if network.accepts(k)}
+
+
 def network_outputs(images, cfg: Config, is_training, dtype=tf.float32):
     """Builds the configured network on images (float32 [N, H, W, 3] in [-1, 1]), computing in
     `dtype` with float32 variables (see precision.py); returns float32 logits."""
-    overrides = {"weight_decay": cfg.weight_decay}
-    if cfg.bn_momentum is not None:
-        overrides["bn_momentum"] = cfg.bn_momentum
-    if cfg.freeze_batch_norm:
-        overrides["bn_train_scopes"] = cfg.trainable_scopes or "(?!)"  # (?!): matches nothing
-    network = nets.get_network(cfg.network)
+    network = nets.resolve(cfg.network)
+    hparams = network_hparams(cfg, network)
     return precision.build_network(
-        lambda x: network(x, cfg.num_classes, is_training, width=cfg.width, **overrides),
-        images, dtype)
+        lambda x: network(x, cfg.num_classes, is_training, **hparams), images, dtype)
+
+
+def check_network(cfg: Config):
+    """Checks a --network against the contract (nets.CONTRACT) before anything is written: one
+    build in training mode and one in inference mode, each in a graph of its own. Raises
+    ConfigError naming --network for a build that fails, a result that is not (logits,
+    endpoints), logits of the wrong shape or dtype, and training-mode batch normalization that
+    adds no update to UPDATE_OPS; returns warnings (a --weight_decay that adds no
+    regularization loss)."""
+    name = f"--network={cfg.network}"
+    network = nets.resolve(cfg.network)
+    hparams = network_hparams(cfg, network)
+    warnings = []
+    for training in (True, False):
+        graph = tf.Graph()
+        with graph.as_default():
+            images = v1.placeholder(tf.float32, [2, cfg.image_size, cfg.image_size, 3])
+            mode = "training" if training else "inference"
+            try:
+                out = network(images, cfg.num_classes, training, **hparams)
+            except Exception as e:  # the user's code: whatever it raises is the user's to fix
+                raise ConfigError("network", f"{name} failed to build in {mode} mode on "
+                                  f"float32 [2, {cfg.image_size}, {cfg.image_size}, 3] "
+                                  f"images: {type(e).__name__}: {e}") from e
+            if not (isinstance(out, tuple) and len(out) == 2 and tf.is_tensor(out[0])):
+                raise ConfigError("network", f"{name} returned {type(out).__name__}, not "
+                                  f"(logits, endpoints) ({nets.CONTRACT})")
+            logits = out[0]
+            if logits.dtype != tf.float32:
+                raise ConfigError("network", f"{name} returned logits of dtype "
+                                  f"{logits.dtype.name}, not float32")
+            shape = logits.shape
+            if shape.rank != 2 or shape[-1] != cfg.num_classes or shape[0] not in (None, 2):
+                raise ConfigError("network", f"{name} returned logits of shape {shape} for 2 "
+                                  f"images; need [2, {cfg.num_classes}] (--num_classes)")
+            if not training:
+                continue
+            norms = [op.name for op in graph.get_operations()
+                     if op.type.startswith("FusedBatchNorm") and op.get_attr("is_training")]
+            moving = [v.op.name for v in v1.global_variables() if "moving_" in v.op.name]
+            # With --freeze_batch_norm every batch norm may rightly run without updates.
+            if ((norms or moving) and not cfg.freeze_batch_norm
+                    and not v1.get_collection(v1.GraphKeys.UPDATE_OPS)):
+                raise ConfigError("network", (
+                    f"{name} has batch normalization ({(norms or moving)[0]}, ...) that adds "
+                    f"no update to UPDATE_OPS in training mode: its moving statistics would "
+                    f"never move and evaluation would stay at chance. Put the moving-average "
+                    f"updates in tf.compat.v1.GraphKeys.UPDATE_OPS (tf.compat.v1.layers."
+                    f"batch_normalization does; with tf.nn, add them yourself)"))
+            if cfg.weight_decay > 0 and not v1.get_collection(
+                    v1.GraphKeys.REGULARIZATION_LOSSES):
+                warnings.append(f"--weight_decay={cfg.weight_decay}: {name} adds no "
+                                f"regularization loss (give its variables a regularizer, or "
+                                f"take a weight_decay argument); training goes on without "
+                                f"weight decay")
+    return warnings
 
 
 def make_predictions(logits, cfg: Config):

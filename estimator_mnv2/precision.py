@@ -15,7 +15,9 @@ and XLA about 0.04x of float32. There the pipeline warns once and goes on.
 
 import tensorflow as tf
 from absl import logging
+from tensorflow.core.protobuf import rewriter_config_pb2
 
+from estimator_mnv2 import nets
 from estimator_mnv2.config import Config
 
 v1 = tf.compat.v1
@@ -72,15 +74,19 @@ def grappler_enabled(cfg: Config, training=True):
     """Whether a session runs grappler (TensorFlow's graph optimizer). Evaluation-only
     sessions (training=False) always do: its fusions (convolution + batch norm + activation)
     made evaluation 1.4x faster on this project's CPU (MobileNetV2, 32 and 128 px, batch
-    100). The training graph skips it with --grappler=off, and with auto on a machine without
-    a GPU: there it measured the same images/s (32 px: 279-309 vs 289-303; 128 px: 54-57 vs
-    54-55) and its one-time cost at the first step was 2-3 s per run. With a GPU, auto keeps
-    it (layout optimizer, fusions)."""
+    100). The training graph skips it with --grappler=off, and with auto for our registered
+    networks on a machine without a GPU: there it measured the same images/s (32 px: 279-309
+    vs 289-303; 128 px: 54-57 vs 54-55) and its one-time cost at the first step was 2-3 s per
+    run. Keras applications keep it: keras/EfficientNetB0 trained at 41-42 images/s without
+    it and 53 with it at 128 px (keras/ResNet50 28 and 30). Your own networks follow ours
+    (not measured: --grappler=on to choose). With a GPU, auto keeps it (layout optimizer,
+    fusions)."""
     if not training or cfg.grappler == "on":
         return True
     if cfg.grappler == "off":
         return False
-    return bool(tf.config.list_physical_devices("GPU"))
+    return (cfg.network.startswith(nets.KERAS_PREFIX)
+            or bool(tf.config.list_physical_devices("GPU")))
 
 
 def session_config(cfg: Config, training=True, base=None):
@@ -97,6 +103,12 @@ def session_config(cfg: Config, training=True, base=None):
         config.graph_options.optimizer_options.global_jit_level = v1.OptimizerOptions.ON_1
     if not grappler_enabled(cfg, training):
         config.graph_options.rewrite_options.disable_meta_optimizer = True
+    elif training and cfg.network.startswith(nets.KERAS_PREFIX):
+        # Grappler's default two passes instead of Estimator's one: keras/EfficientNetB0
+        # trained at 53 images/s against 49 with one (128 px, batch 32; MobileNetV2 and
+        # ResNet50 alike either way). Other networks and evaluation sessions keep one pass.
+        config.graph_options.rewrite_options.meta_optimizer_iterations = (
+            rewriter_config_pb2.RewriterConfig.DEFAULT_NUM_ITERS)
     return config
 
 

@@ -14,7 +14,7 @@ from estimator_mnv2 import distribution, export, guard, precision, warm_start
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import build as build_lib
 from estimator_mnv2.data import input_fn as input_lib
-from estimator_mnv2.model_fn import model_fn
+from estimator_mnv2.model_fn import check_network, model_fn
 
 v1 = tf.compat.v1
 
@@ -60,6 +60,9 @@ def prepare_model_dir(cfg: Config):
             except FileNotFoundError as e:
                 raise config_lib.ConfigError(field, str(e)) from None
     check_labels(cfg)
+    if cfg.resolve_network().kind == "module":  # ours and the Keras adapter are tested
+        for warning in check_network(cfg):
+            logging.warning("%s", warning)
     if cfg.stop_at_accuracy and not in_memory_evaluation(cfg):
         raise config_lib.ConfigError("stop_at_accuracy", (
             "needs in-memory evaluation (train_and_evaluate in one process, no strategy or "

@@ -3,6 +3,7 @@
   python scripts/benchmark.py                       # all parts, 128 px, batch 32, width 1.0
   python scripts/benchmark.py --what train --image_size 224 --rounds 3
   python scripts/benchmark.py --what serve --json
+  python scripts/benchmark.py --what train --network keras/ResNet50 --rounds 3
 
 Contenders alternate (A B A B ...) for --rounds rounds; the table shows the median and the
 spread (min-max) of each, the ratio against Keras, and one JSON line at the end.
@@ -43,6 +44,9 @@ flags.DEFINE_integer("serve_repeats", 40, "Batch-1 calls timed per serving trial
 flags.DEFINE_integer("profile_steps", 0, "Also record this many training steps of our "
                      "pipeline (paper network) with TensorFlow's profiler, for TensorBoard.")
 flags.DEFINE_string("profile_dir", "runs/profile", "Where --profile_steps writes its trace.")
+flags.DEFINE_string("network", None, "train: instead of the MobileNetV2 rows, our Estimator "
+                    "with this keras/<Name> network against Keras model.fit on the same "
+                    "application (no top + Dense), width and batch.")
 flags.DEFINE_bool("json", False, "Print only the JSON line.")
 FLAGS = flags.FLAGS
 
@@ -117,6 +121,10 @@ def main(argv):
 
     from estimator_mnv2 import benchmark
 
+    if FLAGS.network and not FLAGS.network.startswith("keras/"):
+        print(f"error: --network: {FLAGS.network!r}: the Keras comparison needs a "
+              f"keras/<Name> network", file=sys.stderr)
+        return 2
     base = Config(model_dir="unused", network="mobilenet_v2", width=FLAGS.width,
                   num_classes=FLAGS.num_classes, image_size=FLAGS.image_size,
                   batch_size=FLAGS.batch_size, optimizer="adam", learning_rate=0.001,
@@ -126,11 +134,28 @@ def main(argv):
     out = {"image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size,
            "width": FLAGS.width, "num_classes": FLAGS.num_classes}
     say = (lambda *a: None) if FLAGS.json else print
-    say(f"MobileNetV2 width {FLAGS.width}, {FLAGS.image_size} px, batch {FLAGS.batch_size}, "
+    say(f"{FLAGS.network or 'MobileNetV2'} width {FLAGS.width}, {FLAGS.image_size} px, "
+        f"batch {FLAGS.batch_size}, "
         f"{FLAGS.num_classes} classes, float32, {os.cpu_count()} CPUs; "
         f"median of {FLAGS.rounds} alternated rounds")
     train = None
-    if "train" in FLAGS.what or "input" in FLAGS.what or "flops" in FLAGS.what:
+    ours_key = "ours: paper (Estimator)"
+    if FLAGS.network:
+        if FLAGS.what != ["train"]:
+            print("error: --network goes with --what train", file=sys.stderr)
+            return 2
+        try:  # the network, its --width and --image_size, checked as train.py does
+            net = Config(**{**base.to_params(), "network": FLAGS.network,
+                            "mode": "train"}).validate(for_training=False)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        ours_key = f"ours: {FLAGS.network} (Estimator)"
+        train = alternate({
+            ours_key: lambda: benchmark.estimator_train_rate(net, FLAGS.steps),
+            "Keras model.fit": lambda: benchmark.keras_train_rate(net, FLAGS.steps),
+        }, FLAGS.rounds)
+    elif "train" in FLAGS.what or "input" in FLAGS.what or "flops" in FLAGS.what:
         train = alternate({
             "ours: paper (Estimator)": lambda: benchmark.estimator_train_rate(base, FLAGS.steps),
             "ours: article (Estimator)": lambda: benchmark.estimator_train_rate(article,
@@ -141,13 +166,13 @@ def main(argv):
                                                                                  FLAGS.steps),
             "Keras model.fit": lambda: benchmark.keras_train_rate(base, FLAGS.steps),
         }, FLAGS.rounds)
+    if train:
         keras = statistics.median(train["Keras model.fit"])
         say("training images/s (ratio to Keras model.fit):")
         for name, values in train.items():
             say(row(name, values, "images/s", keras))
         out["train_images_per_s"] = {k: statistics.median(v) for k, v in train.items()}
-        out["train_ratio_paper_vs_keras"] = (
-            statistics.median(train["ours: paper (Estimator)"]) / keras)
+        out["train_ratio_vs_keras"] = statistics.median(train[ours_key]) / keras
     if "input" in FLAGS.what:
         with tempfile.TemporaryDirectory() as tmp:
             pattern = benchmark.write_jpeg_records(tmp, 512, int(FLAGS.image_size * 1.25), 10)

@@ -3,6 +3,7 @@
   python scripts/train.py --model_dir runs/digits --data_dir data/digits \
       --image_size 32 --train_epochs 10 --mode train_and_evaluate
   python scripts/train.py --flagfile configs/digits.flags
+  python scripts/train.py --list_networks   # every --network value, with the contract
 
 Running the same command again resumes from model_dir's last checkpoint to the target step.
 TensorBoard: tensorboard --logdir <model_dir>
@@ -13,11 +14,19 @@ from absl import app, flags, logging
 from estimator_mnv2 import flags as flag_lib
 
 flag_lib.define_config_flags()
+flags.DEFINE_bool("list_networks", False, "Print the registered networks, the keras/<Name> "
+                  "applications of the installed TensorFlow with their minimum input size, "
+                  "and the module:function form with its contract; then exit.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
+    if FLAGS.list_networks:
+        from estimator_mnv2 import nets
+
+        print(nets.describe())
+        return 0
     from estimator_mnv2 import guard, runner
 
     try:

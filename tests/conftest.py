@@ -93,9 +93,9 @@ def digits_images(tmp_path_factory):
     return root
 
 
-def run_script(name, *args):
-    """Runs scripts/<name> as a user would: a fresh process, no stdin."""
+def run_script(name, *args, cwd=None):
+    """Runs scripts/<name> as a user would: a fresh process, no stdin, in `cwd`."""
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
-                          timeout=300)
+                          timeout=300, cwd=cwd)

@@ -72,19 +72,20 @@ def test_sigkill_at_any_moment_loses_no_checkpoint(data_dir, tmp_path):
     model_dir = str(tmp_path)
     rng = np.random.RandomState(0)
     for _ in range(2):  # killed twice, at random moments, while saving every step
-        proc = train_process(model_dir, data_dir, "--train_steps=40",
+        proc = train_process(model_dir, data_dir, "--train_steps=100",
                              "--save_checkpoints_steps=1", "--keep_checkpoint_max=3")
         wait_for_step(model_dir, 1, proc)
         time.sleep(rng.uniform(0.5, 2.5))
+        assert proc.poll() is None, "training ended before the kill: raise --train_steps"
         proc.kill()
         proc.communicate()
         assert all_checkpoints_readable(model_dir)
-    proc = train_process(model_dir, data_dir, "--train_steps=40",
+    proc = train_process(model_dir, data_dir, "--train_steps=100",
                          "--save_checkpoints_steps=1", "--keep_checkpoint_max=3")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert "taking over" in err  # the killed run's lock did not stay stuck
-    assert all_checkpoints_readable(model_dir)[-1] == 40
+    assert all_checkpoints_readable(model_dir)[-1] == 100
 
 
 def test_second_process_on_the_same_model_dir_is_refused(data_dir, tmp_path):

@@ -244,12 +244,22 @@ def read_labels(data_dir):
     path = os.path.join(data_dir, LABELS_FILE)
     if not os.path.exists(path):
         return None
+    return read_labels_file(path)
+
+
+def read_labels_file(path):
+    """Class names, in index order, from a labels file of 'index:name' lines numbered 0..n-1;
+    ValueError naming the file and line otherwise."""
     names = {}
     with open(path) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if line.strip():
-                index, name = line.rstrip("\n").split(":", 1)
+                index, sep, name = line.rstrip("\n").partition(":")
+                if not sep or not index.strip().isdigit():
+                    raise ValueError(f"{path}:{number}: not an 'index:name' line: {line!r}")
                 names[int(index)] = name
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"{path}: the indices are not 0..{len(names) - 1}")
     return [names[i] for i in sorted(names)]
 
 

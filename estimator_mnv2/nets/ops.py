@@ -42,13 +42,17 @@ def _initializer(d: LayerDefaults):
     return v1.truncated_normal_initializer(stddev=d.stddev)
 
 
-def _regularizer(d: LayerDefaults):
-    # The article's (TF1 contrib) l2_regularizer(scale) is scale * tf.nn.l2_loss(w), that is
-    # scale * sum(w^2) / 2; slim's MobileNetV2 uses the same form, so weight decay values carry
-    # over unchanged.
-    if d.weight_decay <= 0:
+def l2_regularizer(weight_decay):
+    """w -> weight_decay * sum(w^2) / 2, or None for 0. The article's (TF1 contrib)
+    l2_regularizer(scale) is scale * tf.nn.l2_loss(w); slim's MobileNetV2 uses the same form,
+    so weight decay values carry over unchanged. Every network of the pipeline uses this one."""
+    if weight_decay <= 0:
         return None
-    return lambda w: tf.multiply(d.weight_decay, tf.nn.l2_loss(w), name="l2_loss")
+    return lambda w: tf.multiply(weight_decay, tf.nn.l2_loss(w), name="l2_loss")
+
+
+def _regularizer(d: LayerDefaults):
+    return l2_regularizer(d.weight_decay)
 
 
 def relu6(x, name="relu6"):

@@ -1,0 +1,157 @@
+"""Keras weights into keras/<Name> networks: the SavedModel exported from the imported
+checkpoint gives Keras's own probabilities (scripts as a user runs them)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import run_script
+from estimator_mnv2 import config as config_lib
+from estimator_mnv2 import export, keras_import, model_fn
+from estimator_mnv2.data import build, preprocessing
+from estimator_mnv2.nets import keras_apps
+
+SIZE = 64
+
+
+def keras_model_with_random_statistics(app, seed, **kwargs):
+    """The application with random weights, and batch-norm (and normalization) statistics
+    moved away from their initial values, so that a statistic imported wrongly shows."""
+    model = getattr(tf.keras.applications, app)(weights=None, input_shape=(SIZE, SIZE, 3),
+                                                **kwargs)
+    rng = np.random.RandomState(seed)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
+                               rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 1.5, var.shape)])
+        elif isinstance(layer, tf.keras.layers.Normalization):
+            mean, var, count = layer.get_weights()
+            layer.set_weights([rng.uniform(100, 150, mean.shape), rng.uniform(3e3, 5e3, var.shape),
+                               count])
+    return model
+
+
+@pytest.mark.parametrize("app,kwargs", [
+    ("ResNet50", {}),                            # caffe-style BGR mean subtraction
+    ("EfficientNetB0", {}),                      # rescaling + normalization inside the model
+    ("MobileNetV3Small", {"alpha": 0.75}),       # a conv top (Conv_2, Logits) and an alpha
+])
+def test_exported_import_gives_keras_probabilities(tmp_path, app, kwargs):
+    classes = 5
+    model = keras_model_with_random_statistics(app, seed=len(app), classes=classes, **kwargs)
+    h5 = str(tmp_path / "keras.h5")
+    model.save_weights(h5)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{i}:kind_{i}\n" for i in range(classes)))
+    out_dir = str(tmp_path / "imported")
+    width = ["--width", str(kwargs["alpha"])] if "alpha" in kwargs else []
+    out = run_script("import_keras_weights.py", "--network", f"keras/{app}", "--keras_weights",
+                     h5, "--output_dir", out_dir, "--image_size", str(SIZE), "--labels_file",
+                     str(labels), *width)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.load(open(os.path.join(out_dir, "import_report.json")))
+    assert report["num_classes"] == classes and report["head"].startswith("imported")
+    out = run_script("export.py", "--model_dir", out_dir, "--export_dir",
+                     str(tmp_path / "export"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (stamp,) = os.listdir(tmp_path / "export")
+    predictor = export.Predictor(str(tmp_path / "export" / stamp), export.PIXELS_SIGNATURE)
+
+    pixels = np.random.RandomState(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
+    served = predictor(pixels)
+    # Keras on the very pixels the SavedModel feeds its network (the central crop), through
+    # Keras's own preprocess_input.
+    unit = preprocessing.preprocess_for_eval(tf.constant(pixels), SIZE, 0.875).numpy()
+    keras_input = keras_apps.preprocess_module(app).preprocess_input((unit + 1.0) * 127.5)
+    expected = model.predict(keras_input, verbose=0)
+    assert np.abs(served["probabilities"] - expected).max() <= 1e-4
+    assert expected.std(axis=1).min() > 1e-3  # not a uniform guess that matches anything
+    assert served["class_names"].tolist() == [f"kind_{i}".encode()
+                                              for i in expected.argmax(1)]
+
+
+def test_no_top_file_leaves_the_head_for_training(tmp_path):
+    model = keras_model_with_random_statistics("EfficientNetB0", seed=3, include_top=False)
+    h5 = str(tmp_path / "no_top.h5")
+    model.save_weights(h5)
+    prefix, report = keras_import.import_weights("keras/EfficientNetB0", h5,
+                                                 str(tmp_path / "out"), image_size=SIZE)
+    names = dict(tf.train.list_variables(prefix))
+    assert "efficientnetb0/top_bn/moving_variance" in names
+    assert not any("logits" in n for n in names)
+    assert report["head"].startswith("not in the file") and report["config"] is None
+    assert not os.path.exists(tmp_path / "out" / "config.json")
+
+
+def test_weights_of_another_network_are_named(tmp_path):
+    model = keras_model_with_random_statistics("MobileNetV3Small", seed=4, include_top=False,
+                                               alpha=0.75)
+    h5 = str(tmp_path / "v3.h5")
+    model.save_weights(h5)
+    with pytest.raises(ValueError, match=r"does not fit keras/MobileNetV3Small --width=1.0:\n"
+                                         r"  expanded_conv_3/project/kernel: shape "
+                                         r"\[1, 1, 96, 32\] does not fit .* \[1, 1, 96, 40\]"
+                                         r"(.|\n)*\(\+[0-9]+ more\)$"):
+        keras_import.import_weights("keras/MobileNetV3Small", h5, str(tmp_path / "a"),
+                                    image_size=SIZE)
+    with pytest.raises(ValueError, match="weights with no place in keras/ResNet50"):
+        keras_import.import_weights("keras/ResNet50", h5, str(tmp_path / "b"),
+                                    image_size=SIZE)
+
+
+def test_imagenet_efficientnet_file_gives_what_kerass_imagenet_model_gives(tmp_path,
+                                                                           monkeypatch):
+    """Keras builds EfficientNet for weights="imagenet" with one more (weightless) Rescaling
+    layer than for weights=None; an ImageNet file imported here must still give the outputs
+    of Keras's ImageNet model. The reference is that very model, its download replaced by our
+    file."""
+    from keras.src.applications import efficientnet
+
+    model = keras_model_with_random_statistics("EfficientNetB0", seed=5, include_top=False,
+                                               pooling="avg")
+    (norm,) = [layer for layer in model.layers
+               if isinstance(layer, tf.keras.layers.Normalization)]
+    count = norm.get_weights()[2]
+    norm.set_weights([np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]), count])
+    h5 = str(tmp_path / "efficientnetb0_notop.h5")
+    model.save_weights(h5)
+    monkeypatch.setattr(efficientnet.data_utils, "get_file", lambda *args, **kwargs: h5)
+    reference = tf.keras.applications.EfficientNetB0(weights="imagenet", include_top=False,
+                                                     input_shape=(SIZE, SIZE, 3),
+                                                     pooling="avg")
+
+    pixels = np.random.RandomState(1).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
+    # Keras first: building a Keras model inside a tf.compat.v1.Graph (as the import and our
+    # graph below do) invalidates the models made outside it, in this process.
+    expected = reference.predict(pixels, verbose=0)  # EfficientNet takes 0..255
+    # Without the fold the features would be off by more than 10x the tolerance below.
+    assert np.abs(expected - model.predict(pixels, verbose=0)).max() > 1e-3
+
+    prefix, report = keras_import.import_weights("keras/EfficientNetB0", h5,
+                                                 str(tmp_path / "out"), image_size=SIZE)
+    cfg = config_lib.Config(model_dir="unused", network="keras/EfficientNetB0", num_classes=2,
+                            image_size=SIZE)
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.compat.v1.placeholder(tf.float32, [None, SIZE, SIZE, 3])
+        _, endpoints = model_fn.network_outputs(images, cfg, False)
+        restored = [v for v in tf.compat.v1.global_variables() if "logits" not in v.op.name]
+        with tf.compat.v1.Session() as sess:
+            tf.compat.v1.train.Saver(restored).restore(sess, prefix)
+            ours = sess.run(endpoints["features"], {images: pixels / 127.5 - 1.0})
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+    assert any("folded" in note for note in report["notes"])
+
+
+def test_labels_file_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "labels.txt"
+    bad.write_text("0:cat\ndog\n")
+    with pytest.raises(ValueError, match=r"labels.txt:2: not an 'index:name' line"):
+        build.read_labels_file(str(bad))
+    bad.write_text("1:cat\n2:dog\n")
+    with pytest.raises(ValueError, match="the indices are not 0..1"):
+        build.read_labels_file(str(bad))

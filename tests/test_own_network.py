@@ -1,0 +1,181 @@
+"""Bring your own network: --network module.path:function, checked before anything is written,
+then trained, evaluated, exported and served through the same scripts."""
+
+import json
+import os
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, class_image, run_script, tiny_config
+from estimator_mnv2 import config as config_lib
+from estimator_mnv2 import export, model_fn, nets, runner
+
+EXAMPLE = "examples.small_cnn:small_cnn"
+
+# Networks that break the contract, one way each: (module source, expected message).
+GOOD_HEAD = """
+import tensorflow as tf
+v1 = tf.compat.v1
+
+def head(images, num_classes, **unused):
+    net = tf.reduce_mean(images, axis=[1, 2])
+    w = v1.get_variable("w", [3, num_classes])
+    return tf.matmul(net, w)
+"""
+BROKEN = {
+    "import_fails": ("import no_such_package_here\n", "does not import .ModuleNotFoundError: "
+                     "No module named 'no_such_package_here'"),
+    "no_attribute": (GOOD_HEAD, "has no attribute 'build'"),
+    "not_callable": (GOOD_HEAD + "build = 42\n", "is a int, not a function"),
+    "wrong_shape": (GOOD_HEAD + "def build(images, num_classes, is_training):\n"
+                    "    return head(images, num_classes + 1), {}\n",
+                    r"logits of shape \(2, 4\) for 2 images; need \[2, 3\]"),
+    "wrong_dtype": (GOOD_HEAD + "def build(images, num_classes, is_training):\n"
+                    "    return tf.cast(head(images, num_classes), tf.float16), {}\n",
+                    "logits of dtype float16, not float32"),
+    "not_a_pair": (GOOD_HEAD + "def build(images, num_classes, is_training):\n"
+                   "    return head(images, num_classes)\n", "not \\(logits, endpoints\\)"),
+    "raises": (GOOD_HEAD + "def build(images, num_classes, is_training):\n"
+               "    raise RuntimeError('my bug')\n", "failed to build .* RuntimeError: my bug"),
+    # The classic silent failure: batch norm in training mode whose moving statistics are
+    # never updated (no UPDATE_OPS).
+    "bn_without_updates": (GOOD_HEAD + textwrap.dedent("""
+        def build(images, num_classes, is_training):
+            c = images.shape[-1]
+            gamma = v1.get_variable("gamma", [c], initializer=v1.ones_initializer())
+            beta = v1.get_variable("beta", [c], initializer=v1.zeros_initializer())
+            v1.get_variable("moving_mean", [c], trainable=False)
+            x, _, _ = v1.nn.fused_batch_norm(images, gamma, beta, is_training=is_training)
+            return head(x, num_classes), {}
+        """), "batch normalization .* adds no update to UPDATE_OPS"),
+    # The same with no moving-statistics variable at all: found by the training-mode op.
+    "fused_bn_without_statistics": (GOOD_HEAD + textwrap.dedent("""
+        def build(images, num_classes, is_training):
+            c = images.shape[-1]
+            gamma = v1.get_variable("gamma", [c], initializer=v1.ones_initializer())
+            beta = v1.get_variable("beta", [c], initializer=v1.zeros_initializer())
+            x, _, _ = v1.nn.fused_batch_norm(images, gamma, beta, is_training=True)
+            return head(x, num_classes), {}
+        """), r"batch normalization \(FusedBatchNorm.*adds no update to UPDATE_OPS"),
+    # Fine while training, broken in inference mode (evaluation, export): found up front.
+    "fails_in_inference": (GOOD_HEAD + "def build(images, num_classes, is_training):\n"
+                           "    if not is_training:\n        raise ValueError('oops')\n"
+                           "    return head(images, num_classes), {}\n",
+                           "failed to build in inference mode .* ValueError: oops"),
+}
+
+
+@pytest.fixture()
+def user_modules(tmp_path, monkeypatch):
+    """A folder of the user's network files, importable as `<name>:build`."""
+    for name, (source, _) in BROKEN.items():
+        (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_contract_violations_are_refused_before_anything_is_written(user_modules, data_dir,
+                                                                    tmp_path, name):
+    model_dir = str(tmp_path / "model")
+    with pytest.raises(config_lib.ConfigError, match=BROKEN[name][1]) as info:
+        cfg = tiny_config(model_dir, data_dir, network=f"{name}:build", width=1.0)
+        runner.prepare_model_dir(cfg)
+    assert info.value.field == "network"
+    assert str(info.value).startswith(f"--network: '{name}:build'") or (
+        f"--network={name}:build" in str(info.value))
+    assert not os.path.exists(model_dir)  # nothing written
+    if name == "import_fails":  # the module's own error is chained
+        assert isinstance(info.value.__cause__.__cause__, ModuleNotFoundError)
+        assert "the error is the module's own" in str(info.value)
+
+
+def test_contract_violation_exits_2_with_one_line_naming_network(user_modules, data_dir,
+                                                                 tmp_path):
+    model_dir = str(tmp_path / "model")
+    out = run_script("train.py", "--network=bn_without_updates:build", "--data_dir", data_dir,
+                     "--model_dir", model_dir, "--image_size=32", "--train_steps=1",
+                     cwd=str(user_modules))  # the current folder is searched, as python -m
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --network:"), out.stderr
+    assert "UPDATE_OPS" in errors[0]
+    assert not os.path.exists(model_dir)
+
+
+def test_hparams_the_function_does_not_take_are_not_passed_or_are_refused(data_dir, tmp_path):
+    network = nets.resolve(EXAMPLE)
+    assert network.kind == "module"
+    assert network.accepted == {"weight_decay", "bn_momentum"}
+    cfg = tiny_config(str(tmp_path), data_dir, network=EXAMPLE, width=1.0, bn_momentum=0.8)
+    assert model_fn.network_hparams(cfg, network) == {"weight_decay": cfg.weight_decay,
+                                                      "bn_momentum": 0.8}
+    # width is the default 1.0 (shared flagfiles keep working); another value is refused.
+    with pytest.raises(config_lib.ConfigError, match="takes no 'width'") as info:
+        tiny_config(str(tmp_path), data_dir, network=EXAMPLE, width=0.5)
+    assert info.value.field == "width"
+    with pytest.raises(config_lib.ConfigError, match="takes no 'bn_train_scopes'") as info:
+        tiny_config(str(tmp_path), data_dir, network=EXAMPLE, width=1.0,
+                    freeze_batch_norm=True)
+    assert info.value.field == "freeze_batch_norm"
+
+
+def test_weight_decay_without_regularization_is_a_warning(user_modules, data_dir, tmp_path):
+    (user_modules / "plain.py").write_text(GOOD_HEAD + "def build(images, num_classes, "
+                                           "is_training):\n    return head(images, "
+                                           "num_classes), {}\n")
+    cfg = tiny_config(str(tmp_path), data_dir, network="plain:build", width=1.0)
+    assert cfg.weight_decay > 0
+    (warning,) = model_fn.check_network(cfg)
+    assert warning.startswith(f"--weight_decay={cfg.weight_decay}: --network=plain:build adds "
+                              f"no regularization loss")
+    assert model_fn.check_network(tiny_config(str(tmp_path), data_dir, network="plain:build",
+                                              width=1.0, weight_decay=0.0)) == []
+    with pytest.raises(config_lib.ConfigError, match="takes no 'weight_decay'"):
+        tiny_config(str(tmp_path), data_dir, network="plain:build", width=1.0,
+                    weight_decay=1e-4)
+    # The example file regularizes its kernels: no warning.
+    assert model_fn.check_network(tiny_config(str(tmp_path), data_dir, network=EXAMPLE,
+                                              width=1.0)) == []
+
+
+def test_example_network_through_train_evaluate_export_predict(data_dir, tmp_path):
+    """A user's network file in the folder they run from (found as `python -m` finds modules):
+    train, evaluate, export and serve it with the scripts, then lose the file."""
+    user = tmp_path / "user"
+    user.mkdir()
+    with open(os.path.join(ROOT, "examples", "small_cnn.py")) as f:
+        (user / "mynet.py").write_text(f.read())
+    model_dir = str(tmp_path / "model")
+    out = run_script("train.py", "--network=mynet:small_cnn", "--data_dir", data_dir,
+                     "--model_dir", model_dir, "--image_size=32", "--batch_size=8",
+                     "--train_steps=30", "--eval_every_steps=30", "--optimizer=adam",
+                     "--learning_rate=0.01", "--lr_schedule=constant", "--seed=0",
+                     cwd=str(user))
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert json.load(f)["network"] == "mynet:small_cnn"  # evaluate/export find it again
+    out = run_script("evaluate.py", "--model_dir", model_dir, cwd=str(user))
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.load(open(os.path.join(model_dir, "eval_metrics.json")))
+    assert metrics["accuracy"] > 0.8  # 3 classes, chance is 1/3: BN statistics moved
+    out = run_script("export.py", "--model_dir", model_dir, "--export_dir",
+                     str(tmp_path / "exports"), cwd=str(user))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (export_dir,) = [str(p) for p in (tmp_path / "exports").iterdir()]
+    predictor = export.Predictor(export_dir)  # the SavedModel serves without the module
+    images = [tf.io.encode_png(class_image(label, 90 + label)).numpy() for label in range(3)]
+    result = predictor(images)
+    assert result["probabilities"].shape == (3, 3)
+    np.testing.assert_allclose(result["probabilities"].sum(1), 1.0, rtol=1e-5)
+    predictor.close()
+
+    # The module is gone: evaluate says so, naming --network and config.json; exit 2.
+    os.remove(user / "mynet.py")
+    out = run_script("evaluate.py", "--model_dir", model_dir, cwd=str(user))
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "error: --network: 'mynet:small_cnn': module 'mynet' does not import" in out.stderr
+    assert os.path.join(model_dir, "config.json") in out.stderr
