@@ -93,6 +93,25 @@ def digits_images(tmp_path_factory):
     return root
 
 
+def keras_application(app, size, seed, **kwargs):
+    """tf.keras.applications.<app> with random weights (weights=None) and its batch-norm (and
+    normalization) statistics moved away from their initial values, so that a statistic
+    imported wrongly shows in the outputs."""
+    model = getattr(tf.keras.applications, app)(weights=None, input_shape=(size, size, 3),
+                                                **kwargs)
+    rng = np.random.RandomState(seed)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
+                               rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 1.5, var.shape)])
+        elif isinstance(layer, tf.keras.layers.Normalization):
+            mean, var, count = layer.get_weights()
+            layer.set_weights([rng.uniform(100, 150, mean.shape), rng.uniform(3e3, 5e3, var.shape),
+                               count])
+    return model
+
+
 def run_script(name, *args, cwd=None):
     """Runs scripts/<name> as a user would: a fresh process, no stdin, in `cwd`."""
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_script
+from conftest import keras_application, run_script
 from estimator_mnv2 import config as config_lib
 from estimator_mnv2 import export, keras_import, model_fn
 from estimator_mnv2.data import build, preprocessing
@@ -18,21 +18,7 @@ SIZE = 64
 
 
 def keras_model_with_random_statistics(app, seed, **kwargs):
-    """The application with random weights, and batch-norm (and normalization) statistics
-    moved away from their initial values, so that a statistic imported wrongly shows."""
-    model = getattr(tf.keras.applications, app)(weights=None, input_shape=(SIZE, SIZE, 3),
-                                                **kwargs)
-    rng = np.random.RandomState(seed)
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
-                               rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 1.5, var.shape)])
-        elif isinstance(layer, tf.keras.layers.Normalization):
-            mean, var, count = layer.get_weights()
-            layer.set_weights([rng.uniform(100, 150, mean.shape), rng.uniform(3e3, 5e3, var.shape),
-                               count])
-    return model
+    return keras_application(app, SIZE, seed, **kwargs)
 
 
 @pytest.mark.parametrize("app,kwargs", [

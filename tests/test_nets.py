@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import keras_application
 from estimator_mnv2 import keras_import, nets
 from estimator_mnv2.nets import mobilenet_v2
 
@@ -139,15 +140,7 @@ def test_unknown_network_lists_known_ones():
 
 
 def keras_model_with_random_statistics(alpha, size, classes, seed):
-    model = tf.keras.applications.MobileNetV2(weights=None, alpha=alpha,
-                                              input_shape=(size, size, 3), classes=classes)
-    rng = np.random.RandomState(seed)
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
-                               rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 1.5, var.shape)])
-    return model
+    return keras_application("MobileNetV2", size, seed, alpha=alpha, classes=classes)
 
 
 @pytest.mark.parametrize("alpha,size", [(0.35, 128), (1.0, 96)])
