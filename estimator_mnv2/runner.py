@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import traceback
 
 import numpy as np
 import tensorflow as tf
@@ -23,7 +24,10 @@ def with_data_dir(cfg: Config, data_dir):
     """Fills files, class names, num_classes and the example count from a build_tfrecords.py
     output folder; explicit settings win, and a --num_classes that disagrees with labels.txt
     is caught by Config.validate."""
-    names = build_lib.read_labels(data_dir)
+    try:
+        names = build_lib.read_labels(data_dir)
+    except ValueError as e:  # a labels.txt that is not 'index:name' lines numbered from 0
+        raise config_lib.ConfigError("data_dir", str(e)) from None
     if names is None:
         raise config_lib.ConfigError("data_dir", f"{data_dir} has no {build_lib.LABELS_FILE} "
                                      f"(make it with scripts/build_tfrecords.py)")
@@ -174,7 +178,10 @@ def fit(cfg: Config, warm_start_from=None):
             f"({tf.train.latest_checkpoint(cfg.model_dir)}) is kept. Try a lower "
             f"--learning_rate (now {cfg.learning_rate}), --warmup_epochs 1, "
             f"--clip_gradient_norm 5, or check the data.") from None
-    except tf.errors.DataLossError:
+    except tf.errors.DataLossError as e:
+        logging.error("%s", e)  # TensorFlow's own error, kept in the log
+        if e.op is not None and e.op.type.startswith("Restore"):
+            raise guard.TrainingError(_damaged_checkpoint(cfg, e)) from None
         files = input_lib.resolve_files(cfg.train_files) + input_lib.resolve_files(
             cfg.eval_files)
         bad = "; ".join(f"{f}: {why}" for f, why in input_lib.find_corrupt_files(files))
@@ -191,9 +198,13 @@ def fit(cfg: Config, warm_start_from=None):
         if "in shard" not in e.message and "Shard, label" not in e.message:
             raise
         raise guard.TrainingError(input_error_summary(e)) from None
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as e:
         # TF 2.15 echoes an unparsable record's bytes in its error, and Python then fails to
-        # decode the message itself.
+        # decode the message itself, in the session's run call. Raised anywhere else, it is
+        # not about the records.
+        frames = traceback.extract_tb(e.__traceback__)
+        if not frames or not frames[-1].filename.endswith(os.path.join("client", "session.py")):
+            raise
         raise guard.TrainingError(_not_examples(cfg)) from None
     finally:
         if distribution.is_chief():
@@ -275,6 +286,26 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
                                              checkpoint)
             logging.info("exported the %s model (%s) to %s", name, checkpoint, path)
     return printable_metrics(state["last"]) if state["last"] else None
+
+
+def _damaged_checkpoint(cfg, error):
+    """What to do about a checkpoint that does not restore (DataLossError in a Restore op):
+    the model_dir's latest, or else the --warm_start_from one."""
+    latest = tf.train.latest_checkpoint(cfg.model_dir)
+    why = guard.error_summary(error)
+    if latest is None:
+        return (f"the --warm_start_from checkpoint {cfg.warm_start_from} is damaged ({why}); "
+                f"point --warm_start_from at a good copy")
+    state = tf.train.get_checkpoint_state(cfg.model_dir)
+    earlier = [p for p in state.all_model_checkpoint_paths if p != latest]
+    listing = os.path.join(cfg.model_dir, "checkpoint")
+    if not earlier:
+        return (f"the checkpoint {latest} is damaged ({why}) and it is the only one: delete "
+                f"{cfg.model_dir} (or its checkpoint files) to train from the start")
+    previous = earlier[-1]
+    return (f"the checkpoint {latest} is damaged ({why}). Delete its files ({latest}.*), set "
+            f"model_checkpoint_path in {listing} to {previous!r} (the file lists every kept "
+            f"checkpoint) and run the same command again to resume from it")
 
 
 def _undecodable(cfg, error):

@@ -28,12 +28,13 @@ def main(argv):
         print(nets.describe())
         return 0
     from estimator_mnv2 import guard, runner
+    from estimator_mnv2.config import ConfigError
 
     try:
         cfg = flag_lib.config_from_flags().validate()
         warm_start = runner.prepare_model_dir(cfg)
-    except (ValueError, FileNotFoundError, guard.TrainingError) as e:
-        flag_lib.fail(e)
+    except (ConfigError, FileNotFoundError, guard.TrainingError) as e:
+        flag_lib.fail(e)  # bad input, named; anything else is a bug: its traceback, exit 1
     logging.info("training %s (width %s) on %d classes to step %d in %s", cfg.network,
                  cfg.width, cfg.num_classes, cfg.max_steps, cfg.model_dir)
     try:

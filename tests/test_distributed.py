@@ -107,22 +107,32 @@ def test_mirrored_matches_one_device_with_the_same_global_batch(trained_model_di
     assert np.abs(moved).max() > 1e-6
 
 
-def fingerprints(cfg, shard):
-    """Sum of each image's pixels from one epoch of the training input_fn's `shard`."""
-    dataset = input_lib.make_input_fn(cfg.train_files, True, cfg, num_epochs=1, shard=shard)()
+def fingerprints(cfg, shard, num_epochs=1):
+    """Sum of each image's pixels from `num_epochs` epochs of the training input_fn's
+    `shard`."""
+    dataset = input_lib.make_input_fn(cfg.train_files, True, cfg, num_epochs=num_epochs,
+                                      shard=shard)()
     return [round(float(np.sum(f["image"])), 2) for f, _ in dataset]
 
 
-def test_each_worker_reads_a_disjoint_share(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("seed", [1, None])
+def test_each_worker_reads_a_disjoint_share(data_dir, tmp_path, monkeypatch, seed):
+    """Three training tasks, two files (so records are split, not files), three epochs: every
+    record is read by exactly one task once per epoch, with or without --seed."""
     # Crops of the whole image and no flips, so an image's pixel sum identifies it.
-    cfg = tiny_config(str(tmp_path), data_dir, batch_size=1, crop_area_min=1.0, flip=False)
+    cfg = tiny_config(str(tmp_path), data_dir, batch_size=1, crop_area_min=1.0, flip=False,
+                      seed=seed)
+    assert len(input_lib.resolve_files(cfg.train_files)) == 2
     everything = fingerprints(cfg, (1, 0))
     assert len(set(everything)) == len(everything) == 18
     shares = []
     for kind, index in (("chief", 0), ("worker", 0), ("worker", 1)):
         monkeypatch.setenv("TF_CONFIG", tf_config(kind, index))
         shard = distribution.input_shard(tf.estimator.RunConfig())
-        shares.append(fingerprints(cfg, shard))
+        epochs = fingerprints(cfg, shard, num_epochs=3)
+        share = sorted(set(epochs))
+        assert sorted(epochs) == sorted(share * 3)  # the same share in every epoch
+        shares.append(share)
     assert sorted(sum(shares, [])) == sorted(everything)  # disjoint, and nothing left out
     assert all(shares)
     for kind in ("ps", "evaluator"):

@@ -231,3 +231,60 @@ def test_decoding_random_bytes_returns_or_raises_cleanly(data):
         assert image.shape[-1] == 3
     except tf.errors.InvalidArgumentError as e:
         assert e.message
+
+
+def test_damaged_checkpoint_is_named_not_blamed_on_the_records(data_dir, tmp_path):
+    """Bytes flipped in the latest checkpoint's data file: the same command stops naming that
+    checkpoint and the previous one to resume from (it used to blame the TFRecords)."""
+    model_dir = str(tmp_path / "m")
+    cfg = tiny_config(model_dir, data_dir, mode="train", train_steps=4, save_checkpoints_steps=2)
+    runner.train(cfg)
+    latest = tf.train.latest_checkpoint(model_dir)
+    assert latest.endswith("model.ckpt-4")
+    (data_file,) = [os.path.join(model_dir, f) for f in os.listdir(model_dir)
+                    if f.startswith("model.ckpt-4.data-")]
+    with open(data_file, "r+b") as f:
+        f.seek(100)
+        f.write(bytes(b ^ 0xFF for b in f.read(100)))
+    cfg = tiny_config(model_dir, data_dir, mode="train", train_steps=8, save_checkpoints_steps=2)
+    with pytest.raises(guard.TrainingError) as info:
+        runner.fit(cfg, runner.prepare_model_dir(cfg))
+    message = str(info.value)
+    assert message.startswith(f"the checkpoint {latest} is damaged (")
+    assert f"set model_checkpoint_path in {os.path.join(model_dir, 'checkpoint')} to " \
+           f"'{latest[:-1]}2'" in message
+    assert "TFRecords" not in message
+
+
+def test_unicode_errors_outside_tensorflow_keep_their_traceback(data_dir, tmp_path,
+                                                               monkeypatch):
+    """Only the run error TensorFlow cannot decode means unparsable records; the same
+    exception raised by other code (here a hook) surfaces as it is."""
+    from estimator_mnv2 import hooks
+
+    def broken(self, run_context, run_values):
+        raise UnicodeDecodeError("utf-8", b"\x80", 0, 1, "a bug of ours")
+
+    monkeypatch.setattr(hooks.ProgressHook, "after_run", broken)
+    with pytest.raises(UnicodeDecodeError, match="a bug of ours"):
+        runner.train(tiny_config(str(tmp_path), data_dir, mode="train", train_steps=2))
+
+
+def test_internal_errors_are_not_reported_as_bad_flags(data_dir, tmp_path):
+    """A ValueError from a bug (not a ConfigError) while preparing the model_dir: train.py
+    exits 1 with the traceback instead of 'error: ... exit 2'."""
+    script = (
+        "import runpy, sys\n"
+        "from estimator_mnv2 import runner\n"
+        "def bug(cfg): raise ValueError('internal bug')\n"
+        "runner.prepare_model_dir = bug\n"
+        f"sys.argv = ['train.py', '--data_dir={data_dir}', '--model_dir={tmp_path / 'm'}',"
+        " '--train_steps=1', '--image_size=32']\n"
+        f"runpy.run_path({os.path.join(ROOT, 'scripts', 'train.py')!r}, run_name='__main__')\n")
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback (most recent call last)" in r.stderr
+    assert "ValueError: internal bug" in r.stderr
+    assert "error: internal bug" not in r.stderr

@@ -162,10 +162,13 @@ def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), aut
                 ds = ds.shard(num_shards, shard_id)
             else:  # fewer files than workers: split the records instead
                 shard_records = True
-        if training:
+        if training and not shard_records:
             ds = ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=True)
+        # Split records: every task must see the same record stream before its shard, so no
+        # task-specific (unseeded) file shuffle and a deterministic interleave; each task then
+        # reads the same share every epoch, shuffled below.
         ds = ds.interleave(read, cycle_length=min(len(files), 8),
-                           num_parallel_calls=AUTOTUNE, deterministic=ordered)
+                           num_parallel_calls=AUTOTUNE, deterministic=ordered or shard_records)
         if shard_records:
             ds = ds.shard(num_shards, shard_id)
         if config.cache:

@@ -130,10 +130,3 @@ def build(images, num_classes, is_training, variant: Variant, width=1.0, **overr
         endpoints["predictions"] = tf.nn.softmax(logits, name="prob")
     return logits, endpoints
 
-
-def mobilenet_v2_article(images, num_classes, is_training, width=1.0, **overrides):
-    return build(images, num_classes, is_training, ARTICLE, width=width, **overrides)
-
-
-def mobilenet_v2(images, num_classes, is_training, width=1.0, **overrides):
-    return build(images, num_classes, is_training, PAPER, width=width, **overrides)
