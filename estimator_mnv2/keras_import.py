@@ -147,7 +147,8 @@ def import_weights(network, h5_path, output_dir, width=1.0, image_size=224, clas
     Returns:
       (checkpoint prefix, report dict, also written to output_dir/import_report.json).
     Raises:
-      ValueError naming every weight that is missing, unknown or of the wrong shape.
+      ValueError naming the weights that are missing, unknown or of the wrong shape (the
+      first ones, with a count of the rest).
     """
     if network != "mobilenet_v2" and not network.startswith(nets.KERAS_PREFIX):
         raise config_lib.ConfigError("network", f"{network!r}: Keras weights import into "

@@ -47,11 +47,17 @@ def check_network(cfg: Config):
         with graph.as_default():
             images = v1.placeholder(tf.float32, [2, cfg.image_size, cfg.image_size, 3])
             mode = "training" if training else "inference"
+            # As model_fn builds it: in --precision's compute type while training (exports
+            # stay float32), through the same variable casts.
+            dtype = precision.compute_dtype(cfg, ModeKeys.TRAIN if training
+                                            else ModeKeys.PREDICT)
             try:
-                out = network(images, cfg.num_classes, training, **hparams)
+                out = precision.build_network(
+                    lambda x, t=training: network(x, cfg.num_classes, t, **hparams), images,
+                    dtype)
             except Exception as e:  # the user's code: whatever it raises is the user's to fix
                 raise ConfigError("network", f"{name} failed to build in {mode} mode on "
-                                  f"float32 [2, {cfg.image_size}, {cfg.image_size}, 3] "
+                                  f"{dtype.name} [2, {cfg.image_size}, {cfg.image_size}, 3] "
                                   f"images: {type(e).__name__}: {e}") from e
             if not (isinstance(out, tuple) and len(out) == 2 and tf.is_tensor(out[0])):
                 raise ConfigError("network", f"{name} returned {type(out).__name__}, not "
@@ -68,10 +74,11 @@ def check_network(cfg: Config):
                 continue
             norms = [op.name for op in graph.get_operations()
                      if op.type.startswith("FusedBatchNorm") and op.get_attr("is_training")]
-            moving = [v.op.name for v in v1.global_variables() if "moving_" in v.op.name]
-            # With --freeze_batch_norm every batch norm may rightly run without updates.
-            if ((norms or moving) and not cfg.freeze_batch_norm
-                    and not v1.get_collection(v1.GraphKeys.UPDATE_OPS)):
+            # Moving statistics may rightly stay put under --freeze_batch_norm, but a batch
+            # norm that runs in training mode must always update them.
+            moving = ([] if cfg.freeze_batch_norm else
+                      [v.op.name for v in v1.global_variables() if "moving_" in v.op.name])
+            if (norms or moving) and not v1.get_collection(v1.GraphKeys.UPDATE_OPS):
                 raise ConfigError("network", (
                     f"{name} has batch normalization ({(norms or moving)[0]}, ...) that adds "
                     f"no update to UPDATE_OPS in training mode: its moving statistics would "

@@ -41,7 +41,7 @@ def main(argv):
         print(f"error: --width={FLAGS.width} and --alpha={FLAGS.alpha} disagree (they are the "
               f"same setting)", file=sys.stderr)
         return 2
-    width = FLAGS.width if FLAGS.width is not None else (FLAGS.alpha or 1.0)
+    width = next((w for w in (FLAGS.width, FLAGS.alpha) if w is not None), 1.0)
     try:
         names = ()
         if FLAGS.labels_file:

@@ -259,5 +259,9 @@ def test_grappler_is_off_for_cpu_training_only(tmp_path, monkeypatch):
         rewriter_config_pb2.RewriterConfig.DEFAULT_NUM_ITERS)
     assert off(precision.session_config(Config(network="keras/EfficientNetB0",
                                                grappler="off")))
+    one_pass = rewriter_config_pb2.RewriterConfig.ONE
+    for proto in (precision.session_config(Config(grappler="on")),  # ours: Estimator's one
+                  precision.session_config(keras_cfg, training=False)):  # evaluation: one
+        assert proto.graph_options.rewrite_options.meta_optimizer_iterations == one_pass
     with pytest.raises(config_lib.ConfigError, match="--grappler: unknown setting 'fast'"):
         Config(model_dir="m", num_classes=3, grappler="fast").validate(for_training=False)

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from conftest import keras_application, run_script
 from estimator_mnv2 import config as config_lib
-from estimator_mnv2 import export, keras_import, model_fn
+from estimator_mnv2 import export, keras_import, model_fn, warm_start
 from estimator_mnv2.data import build, preprocessing
 from estimator_mnv2.nets import keras_apps
 
@@ -61,16 +61,47 @@ def test_exported_import_gives_keras_probabilities(tmp_path, app, kwargs):
 
 
 def test_no_top_file_leaves_the_head_for_training(tmp_path):
+    tf.keras.layers.Normalization()  # takes the name: the model's becomes normalization_<n>
     model = keras_model_with_random_statistics("EfficientNetB0", seed=3, include_top=False)
     h5 = str(tmp_path / "no_top.h5")
     model.save_weights(h5)
+    assert "normalization/mean" not in keras_import.read_keras_h5(h5)  # numbered by Keras
     prefix, report = keras_import.import_weights("keras/EfficientNetB0", h5,
                                                  str(tmp_path / "out"), image_size=SIZE)
+    reader = tf.train.load_checkpoint(prefix)
+    (norm,) = [layer for layer in model.layers
+               if isinstance(layer, tf.keras.layers.Normalization)]
+    np.testing.assert_array_equal(reader.get_tensor("efficientnetb0/normalization/mean"),
+                                  norm.get_weights()[0])
     names = dict(tf.train.list_variables(prefix))
     assert "efficientnetb0/top_bn/moving_variance" in names
     assert not any("logits" in n for n in names)
     assert report["head"].startswith("not in the file") and report["config"] is None
     assert not os.path.exists(tmp_path / "out" / "config.json")
+    # Fine-tuning starts from it: every variable but the head restored, BN statistics too.
+    cfg = config_lib.Config(model_dir=str(tmp_path / "ft"), network="keras/EfficientNetB0",
+                            num_classes=3, image_size=SIZE,
+                            warm_start_from=str(tmp_path / "out"))
+    _, plan = warm_start.plan(cfg)
+    assert sorted(plan["reinitialized"]) == ["efficientnetb0/logits/bias",
+                                             "efficientnetb0/logits/w"]
+    assert "efficientnetb0/top_bn/moving_variance" in plan["restored"]
+
+
+def test_labels_and_widths_that_disagree_are_refused(tmp_path):
+    model = keras_application("MobileNetV2", 32, seed=6, alpha=0.35, classes=3)
+    h5 = str(tmp_path / "top.h5")
+    model.save_weights(h5)
+    with pytest.raises(config_lib.ConfigError, match="--labels_file: 2 class names, but the "
+                                                     "top of .* has 3 classes"):
+        keras_import.import_weights("keras/MobileNetV2", h5, str(tmp_path / "a"), width=0.35,
+                                    image_size=32, class_names=("a", "b"))
+    out = run_script("import_keras_weights.py", "--network=keras/MobileNetV2",
+                     "--keras_weights", h5, "--output_dir", str(tmp_path / "b"),
+                     "--width=0.35", "--alpha=0.5")
+    assert out.returncode == 2
+    assert "error: --width=0.35 and --alpha=0.5 disagree" in out.stderr
+    assert not os.path.exists(tmp_path / "b")
 
 
 def test_weights_of_another_network_are_named(tmp_path):

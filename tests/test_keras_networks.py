@@ -124,6 +124,10 @@ def test_sizes_widths_and_names_are_checked(data_dir, tmp_path):
 
     refused("image_size", "below the 71 pixels", network="keras/Xception", width=1.0,
             image_size=64)
+    for app in ("InceptionV3", "InceptionResNetV2"):
+        refused("image_size", "below the 75 pixels", network=f"keras/{app}", width=1.0,
+                image_size=74)
+        tiny_config(str(tmp_path), data_dir, network=f"keras/{app}", width=1.0, image_size=75)
     refused("width", "takes no 'width'", network="keras/ResNet50", width=0.5)
     tiny_config(str(tmp_path), data_dir, network="keras/ResNet50", width=1.0)
     tiny_config(str(tmp_path), data_dir, network="keras/MobileNetV3Small", width=0.75)

@@ -36,6 +36,9 @@ BROKEN = {
     "wrong_dtype": (GOOD_HEAD + "def build(images, num_classes, is_training):\n"
                     "    return tf.cast(head(images, num_classes), tf.float16), {}\n",
                     "logits of dtype float16, not float32"),
+    "wrong_batch": (GOOD_HEAD + "def build(images, num_classes, is_training):\n"
+                    "    return head(images, num_classes)[:1], {}\n",
+                    r"logits of shape \(1, 3\) for 2 images"),
     "not_a_pair": (GOOD_HEAD + "def build(images, num_classes, is_training):\n"
                    "    return head(images, num_classes)\n", "not \\(logits, endpoints\\)"),
     "raises": (GOOD_HEAD + "def build(images, num_classes, is_training):\n"
@@ -61,6 +64,13 @@ BROKEN = {
             return head(x, num_classes), {}
         """), r"batch normalization \(FusedBatchNorm.*adds no update to UPDATE_OPS"),
     # Fine while training, broken in inference mode (evaluation, export): found up front.
+    # A kernel under another name than */w is not cast under --precision: found up front.
+    "precision_unaware": (GOOD_HEAD + textwrap.dedent("""
+        def build(images, num_classes, is_training):
+            k = v1.get_variable("kernel", [1, 1, 3, 4])
+            x = tf.nn.conv2d(images, k, 1, "SAME")
+            return tf.cast(head(tf.cast(x[..., :3], tf.float32), num_classes), tf.float32), {}
+        """), "failed to build in training mode on bfloat16 .*TypeError"),
     "fails_in_inference": (GOOD_HEAD + "def build(images, num_classes, is_training):\n"
                            "    if not is_training:\n        raise ValueError('oops')\n"
                            "    return head(images, num_classes), {}\n",
@@ -82,7 +92,8 @@ def test_contract_violations_are_refused_before_anything_is_written(user_modules
                                                                     tmp_path, name):
     model_dir = str(tmp_path / "model")
     with pytest.raises(config_lib.ConfigError, match=BROKEN[name][1]) as info:
-        cfg = tiny_config(model_dir, data_dir, network=f"{name}:build", width=1.0)
+        cfg = tiny_config(model_dir, data_dir, network=f"{name}:build", width=1.0,
+                          precision="bfloat16" if name == "precision_unaware" else "float32")
         runner.prepare_model_dir(cfg)
     assert info.value.field == "network"
     assert str(info.value).startswith(f"--network: '{name}:build'") or (
@@ -178,4 +189,5 @@ def test_example_network_through_train_evaluate_export_predict(data_dir, tmp_pat
     out = run_script("evaluate.py", "--model_dir", model_dir, cwd=str(user))
     assert out.returncode == 2, out.stderr[-3000:]
     assert "error: --network: 'mynet:small_cnn': module 'mynet' does not import" in out.stderr
+    assert "run from its folder or put that on PYTHONPATH" in out.stderr
     assert os.path.join(model_dir, "config.json") in out.stderr

@@ -46,10 +46,11 @@ HPARAMS = {"width": "width", "weight_decay": "weight_decay", "bn_momentum": "bn_
            "bn_train_scopes": "freeze_batch_norm"}
 
 CONTRACT = ("fn(images, num_classes, is_training, **hparams) -> (logits, endpoints): images "
-            "float32 [N, H, W, 3] in [-1, 1], logits float32 [N, num_classes]; variables "
-            "from tf.compat.v1.get_variable, L2 losses in REGULARIZATION_LOSSES, batch-norm "
-            "moving-average updates in UPDATE_OPS; optional hparams: "
-            + ", ".join(HPARAMS))
+            "float32 [N, H, W, 3] in [-1, 1] (bfloat16/float16 while training with "
+            "--precision, where variables named */w and */bias are read in that type), logits "
+            "float32 [N, num_classes]; variables from tf.compat.v1.get_variable, L2 losses in "
+            "REGULARIZATION_LOSSES, batch-norm moving-average updates in UPDATE_OPS; optional "
+            "hparams: " + ", ".join(HPARAMS))
 
 
 class NetworkError(ValueError):
