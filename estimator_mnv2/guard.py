@@ -87,7 +87,10 @@ def acquire_lock(model_dir):
             json.dump(me, f)
         atexit.register(release_lock, model_dir)
         return path
-    raise TrainingError(f"could not take {path}")
+    raise TrainingError(
+        f"{path} exists but names no process (empty or unreadable: left by a crash while it "
+        f"was being written?). If no training process is using {model_dir}, delete {path} "
+        f"and run the command again")
 
 
 def release_lock(model_dir):

@@ -107,6 +107,17 @@ def test_second_process_on_the_same_model_dir_is_refused(data_dir, tmp_path):
     guard.release_lock(cfg.model_dir)
 
 
+def test_empty_lock_file_says_what_it_is_and_how_to_clear_it(tmp_path):
+    """A lock left empty by a crash while it was being written: the error says so, names the
+    file and says when deleting it is safe (it used to be "could not take <path>")."""
+    path = tmp_path / guard.LOCK_FILE
+    path.write_text("")
+    with pytest.raises(guard.TrainingError, match="exists but names no process") as info:
+        guard.acquire_lock(str(tmp_path))
+    assert f"delete {path}" in str(info.value)
+    assert path.read_text() == ""  # left as it was
+
+
 def test_nan_loss_stops_with_advice_and_keeps_the_checkpoint(data_dir, tmp_path):
     cfg = tiny_config(str(tmp_path), data_dir, optimizer="sgd", learning_rate=1e30,
                       mode="train", train_steps=50)
