@@ -107,6 +107,40 @@ def test_existing_shards_are_kept_without_overwrite(image_folder, tmp_path):
         "train-00000-of-00002", "train-00001-of-00002"]  # the old shard count is gone
 
 
+def test_interrupted_rebuild_leaves_the_old_shards_alone(image_folder, tmp_path, monkeypatch):
+    """Ctrl-C while an --overwrite rebuild with another shard count is writing its second
+    shard: `train-*` still sees exactly the old set, byte for byte, and nothing of the new."""
+    build.build(image_folder, str(tmp_path), num_shards=(2, 1), log=lambda *_: None)
+    old = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)
+           if f.startswith("train-")}
+    assert sorted(old) == ["train-00000-of-00002", "train-00001-of-00002"]
+    real, written = build.write_shard, []
+
+    def interrupted(items, path, input_dir, progress):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(items, path, input_dir, progress)
+
+    monkeypatch.setattr(build, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.build(image_folder, str(tmp_path), num_shards=(3, 1), overwrite=True,
+                    num_workers=1, log=lambda *_: None)
+    assert written  # one new shard was complete when the build stopped
+    visible = input_fn.resolve_files(str(tmp_path / "train-*"))
+    assert [os.path.basename(f) for f in visible] == sorted(old)
+    assert all((tmp_path / f).read_bytes() == data for f, data in old.items())
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(build.STAGING_PREFIX)]
+
+
+def test_two_shard_sets_side_by_side_are_refused(tmp_path):
+    for name in ("train-00000-of-00002", "train-00001-of-00002", "train-00000-of-00003"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"train-\* holds 2 shard sets \(-of-00002, "
+                                                r"-of-00003\) side by side"):
+        input_fn.resolve_files(str(tmp_path / "train-*"))
+
+
 def test_train_preprocessing_shape_range_and_randomness():
     image = tf.constant(np.random.RandomState(0).randint(0, 256, (40, 30, 3)), tf.uint8)
     outs = [preprocessing.preprocess_for_train(image, 24).numpy() for _ in range(4)]

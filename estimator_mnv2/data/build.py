@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import sys
 import threading
 import time
@@ -148,6 +149,9 @@ def write_shard(items: List[Item], path, input_dir, progress):
     return counts, skipped
 
 
+STAGING_PREFIX = ".staging-"  # output_dir/.staging-<pid>: shards of a build in progress
+
+
 def build(input_dir, output_dir, validation_fraction=0.1, validation_dir=None, num_shards=None,
           seed=0, num_workers=None, overwrite=False, log=print):
     """Builds the shards; returns the dataset_info dict (also written to dataset_info.json).
@@ -180,6 +184,14 @@ def build(input_dir, output_dir, validation_fraction=0.1, validation_dir=None, n
         raise FileExistsError(f"{output_dir} already holds shards ({old[0]}, ...); pass "
                               f"--overwrite to replace them or choose another --output_dir")
 
+    # The new shards are written into a hidden staging folder (no `train-*` pattern sees
+    # inside it) and moved into place only once all of them exist, after the old ones are
+    # removed: a build that stops half-way leaves the old set, never a mix of two sets.
+    for leftover in os.listdir(output_dir):  # from a build that was killed
+        if leftover.startswith(STAGING_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, leftover), ignore_errors=True)
+    staging = os.path.join(output_dir, f"{STAGING_PREFIX}{os.getpid()}")
+    os.makedirs(staging)
     jobs = []  # (items, path)
     for split in SPLITS:
         items = splits[split]
@@ -187,17 +199,22 @@ def build(input_dir, output_dir, validation_fraction=0.1, validation_dir=None, n
         n = (num_shards[SPLITS.index(split)] if num_shards
              else max(1, (len(items) + 999) // 1000))
         n = max(1, min(n, len(items))) if items else 0
-        jobs.extend((items[i::n], os.path.join(output_dir, shard_name(split, i, n)))
+        jobs.extend((items[i::n], os.path.join(staging, shard_name(split, i, n)))
                     for i in range(n))
     total = sum(len(items) for items, _ in jobs)
     progress = Progress(total, f"encoding {len(jobs)} shards")
-    with concurrent.futures.ThreadPoolExecutor(num_workers or os.cpu_count()) as pool:
-        results = list(pool.map(lambda job: write_shard(job[0], job[1], input_dir, progress),
-                                jobs))
-    written = {path for _, path in jobs}
-    for f in old:  # earlier shards that this build did not replace (another shard count)
-        if os.path.join(output_dir, f) not in written:
+    try:
+        with concurrent.futures.ThreadPoolExecutor(num_workers or os.cpu_count()) as pool:
+            results = list(pool.map(
+                lambda job: write_shard(job[0], job[1], input_dir, progress), jobs))
+        for f in old:
             os.remove(os.path.join(output_dir, f))
+        for i, (items, path) in enumerate(jobs):
+            final = os.path.join(output_dir, os.path.basename(path))
+            os.replace(path, final)
+            jobs[i] = (items, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
     counts = {s: [0] * len(names) for s in SPLITS}
     skipped = []

@@ -1,5 +1,7 @@
 """TFRecords -> batches of ({'image': float32 [N, H, W, 3]}, int64 labels [N]) for the Estimator."""
 
+import re
+
 import tensorflow as tf
 
 from estimator_mnv2 import guard
@@ -14,7 +16,10 @@ def resolve_files(patterns):
     """Sorted files matching any of `patterns` (a string, comma-separated, or a list).
 
     Raises:
-      FileNotFoundError naming a pattern that matches nothing.
+      FileNotFoundError naming a pattern that matches nothing, or files of two shard sets
+      of one split side by side (`train-*-of-00002` and `train-*-of-00003`: a rebuild that
+      did not finish, from before the builder staged its shards), which would be read
+      together.
     """
     if isinstance(patterns, str):
         patterns = [p for p in patterns.split(",") if p]
@@ -26,7 +31,19 @@ def resolve_files(patterns):
         if not matched:
             raise FileNotFoundError(f"file pattern {pattern!r} matches no file")
         files.extend(matched)
-    return sorted(set(files))
+    files = sorted(set(files))
+    sets = {}
+    for f in files:
+        found = re.match(r"(.*)-\d{5}-of-(\d{5})$", f)
+        if found:
+            sets.setdefault(found.group(1), set()).add(found.group(2))
+    for prefix, totals in sets.items():
+        if len(totals) > 1:
+            raise FileNotFoundError(
+                f"{prefix}-* holds {len(totals)} shard sets (-of-{', -of-'.join(sorted(totals))})"
+                f" side by side; they would be read together. Rebuild with "
+                f"scripts/build_tfrecords.py --overwrite, or delete the stale set")
+    return files
 
 
 # Leading bytes of the formats decode_image reads; anything else is refused with the shard named.
