@@ -313,9 +313,10 @@ def _undecodable(cfg, error):
 
     fmt = schema.RecordFormat(cfg.image_key, cfg.label_key, cfg.label_offset)
     files = input_lib.resolve_files(cfg.train_files) + input_lib.resolve_files(cfg.eval_files)
-    found = input_lib.find_undecodable_record(files, fmt)
+    found, scanned = input_lib.find_undecodable_record(files, fmt)
     where = (f"record {found[1]} of {found[0]}: {found[2]}" if found
-             else guard.error_summary(error))
+             else f"{guard.error_summary(error)}; not among the first {scanned} images of "
+                  f"{', '.join(cfg.train_files + cfg.eval_files)}")
     return (f"an image does not decode ({where}). Rebuild the shards with "
             f"scripts/build_tfrecords.py (it skips such files), or pass --skip_corrupt_records")
 

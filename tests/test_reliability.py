@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import ROOT, run_script, tiny_config
 from estimator_mnv2 import guard, runner
+from estimator_mnv2.data import input_fn as input_lib
 from estimator_mnv2.data import preprocessing, schema
 
 
@@ -186,6 +187,21 @@ def test_undecodable_image_in_a_record_is_named(data_dir, tmp_path):
     with pytest.raises(guard.TrainingError,
                        match=f"an image does not decode \\(record 0 of {shard}: "):
         runner.train(cfg)
+
+
+def test_undecodable_image_search_is_bounded_and_passes_unreadable_files(data_dir, tmp_path):
+    """The search for the record behind a decode error stops at its budget, and a truncated
+    shard met on the way does not end it."""
+    jpeg = tf.io.encode_jpeg(np.zeros((16, 16, 3), np.uint8)).numpy()
+    shard = bad_image_shard(data_dir, tmp_path / "data", jpeg[: len(jpeg) // 2])
+    first = tmp_path / "data" / "train-00000-of-00002"
+    first.write_bytes(first.read_bytes()[:-20])  # its last record cut short
+    files = input_lib.resolve_files(str(tmp_path / "data" / "train-*"))
+    fmt = schema.RecordFormat()
+    found, scanned = input_lib.find_undecodable_record(files, fmt)
+    assert found[:2] == (shard, 0) and scanned > 2
+    assert input_lib.find_undecodable_record(files, fmt, max_records=2) == (None, 2)
+    assert input_lib.find_undecodable_record(files, fmt, max_seconds=0) == (None, 0)
 
 
 def test_export_dir_that_is_a_file_is_refused(trained_model_dir, tmp_path):

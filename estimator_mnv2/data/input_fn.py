@@ -1,6 +1,7 @@
 """TFRecords -> batches of ({'image': float32 [N, H, W, 3]}, int64 labels [N]) for the Estimator."""
 
 import re
+import time
 
 import tensorflow as tf
 
@@ -65,17 +66,31 @@ def _check_label(label, num_classes, filename):
         return tf.identity(label)
 
 
-def find_undecodable_record(files, fmt: schema.RecordFormat):
-    """(file, record number, error) of the first record whose image does not decode, or None.
-    Reads every image: it runs only after training failed on one."""
+def find_undecodable_record(files, fmt: schema.RecordFormat, max_records=20000,
+                            max_seconds=60.0):
+    """Looks for the first record whose image does not decode, after training failed on one
+    (TensorFlow's error does not say which), decoding at most `max_records` images or for
+    `max_seconds` (an ImageNet-size set would take hours); the rest of a file that cannot be
+    read is passed over (training names such files itself).
+
+    Returns:
+      ((file, record number, error) or None, number of images decoded).
+    """
+    start, scanned = time.monotonic(), 0
     for f in files:
-        for i, serialized in enumerate(tf.data.TFRecordDataset(f)):
-            try:
-                encoded, _ = schema.parse_example(serialized, fmt)
-                preprocessing.decode_image(encoded)
-            except tf.errors.InvalidArgumentError as e:
-                return f, i, guard.error_summary(e)
-    return None
+        try:
+            for i, serialized in enumerate(tf.data.TFRecordDataset(f)):
+                if scanned >= max_records or time.monotonic() - start > max_seconds:
+                    return None, scanned
+                scanned += 1
+                try:
+                    encoded, _ = schema.parse_example(serialized, fmt)
+                    preprocessing.decode_image(encoded)
+                except tf.errors.InvalidArgumentError as e:
+                    return (f, i, guard.error_summary(e)), scanned
+        except tf.errors.DataLossError:
+            continue
+    return None, scanned
 
 
 def scan_labels(files, fmt: schema.RecordFormat, num_classes, max_records):
