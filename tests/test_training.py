@@ -15,6 +15,7 @@ from conftest import NUM_CLASSES, run_script, tiny_config
 from estimator_mnv2 import config as config_lib
 from estimator_mnv2 import model_fn as model_fn_lib
 from estimator_mnv2 import optimization, runner
+from estimator_mnv2.data import input_fn as input_lib
 
 v1 = tf.compat.v1
 
@@ -125,7 +126,15 @@ def test_end_to_end_train_evaluate_resume(trained_model_dir, data_dir):
 
     cfg = tiny_config(trained_model_dir, data_dir)
     metrics = runner.evaluate(cfg)
-    assert metrics["global_step"] == 4 and 0.0 <= metrics["accuracy"] <= 1.0
+    # Top-1 over the 6 validation images, recomputed from Estimator.predict's classes.
+    estimator = runner.make_estimator(cfg, training=False)
+    classes = [p["classes"] for p in estimator.predict(
+        lambda: input_lib.make_input_fn(cfg.eval_files, False, cfg)().map(lambda f, _: f))]
+    labels = np.concatenate([y.numpy() for _, y in
+                             input_lib.make_input_fn(cfg.eval_files, False, cfg)()])
+    assert len(classes) == len(labels) == 6
+    assert metrics["global_step"] == 4
+    assert metrics["accuracy"] == pytest.approx(np.mean(np.array(classes) == labels))
     assert set(metrics) >= {"accuracy", "top_5_accuracy", "mean_per_class_accuracy", "loss"}
     assert "confusion_matrix" not in metrics  # image summary, not a number
     # The evaluations ran in memory (no checkpoint restore) on the very weights of the
@@ -232,21 +241,27 @@ def test_profile_steps_write_a_trace_for_tensorboard(data_dir, tmp_path):
     rate = benchmark.estimator_train_rate(tiny_config(str(tmp_path / "m"), data_dir), steps=2,
                                           warmup=1, profile_dir=logdir)
     assert rate > 0
-    assert glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb"))
+    (trace,) = glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb"))
+    with open(trace, "rb") as f:
+        assert b"Conv2D" in f.read()  # the network's own ops were recorded
 
 
 def test_stop_at_accuracy_stops_at_the_first_evaluation_that_reaches_it(tmp_path, data_dir):
     model_dir = str(tmp_path / "m")
-    threshold = 1e-6  # any correct validation image: reached within a few steps here
-    metrics = runner.train(tiny_config(model_dir, data_dir, train_steps=8,
+    # All 6 validation images right: the example CNN had 4 of 6 at the first evaluation (step
+    # 2) and 6 of 6 at step 4 or 6 in three runs here, so an early evaluation misses it.
+    threshold = 0.99
+    metrics = runner.train(tiny_config(model_dir, data_dir, train_steps=30, width=1.0,
+                                       network="examples.small_cnn:small_cnn",
                                        stop_at_accuracy=threshold))
     acc = event_accumulator.EventAccumulator(os.path.join(model_dir, "eval"))
     acc.Reload()
     accuracy = [(e.step, e.value) for e in acc.Scalars("accuracy")]
     stop = int(tf.train.latest_checkpoint(model_dir).rsplit("-", 1)[1])
     # Stopped at the evaluated step itself: no step past it, no second final evaluation.
-    assert stop < 8 and accuracy[-1] == (stop, pytest.approx(metrics["accuracy"]))
+    assert stop < 30 and accuracy[-1] == (stop, pytest.approx(metrics["accuracy"]))
     assert metrics["global_step"] == stop and metrics["accuracy"] >= threshold
+    assert len(accuracy) >= 2  # at least one evaluation missed it and training went on
     assert all(value < threshold for _, value in accuracy[:-1])
     with open(os.path.join(model_dir, "best", "best_eval.json")) as f:
         assert json.load(f)["global_step"] == stop
