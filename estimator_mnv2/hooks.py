@@ -48,7 +48,9 @@ class ProgressHook(v1.train.SessionRunHook):
         # them (evaluations, checkpoints).
         self._step_seconds += now - self._run_start - paused
         done = step - self._last[0]
-        if done < self._every and step < self._max_steps:
+        # done is 0 when the global step did not move: float16's loss scaling skips a step
+        # whose gradients overflowed (it used to divide by zero at the last step).
+        if done <= 0 or (done < self._every and step < self._max_steps):
             return
         wall_steps_per_sec = done / max(now - self._last[1], 1e-9)
         left = (self._max_steps - step) / wall_steps_per_sec

@@ -190,14 +190,17 @@ def test_tflite_float_agrees_with_saved_model(exported):
 
 def test_export_script_reports_tflite_sizes_and_agreement(trained_model_dir, tmp_path):
     r = run_script("export.py", f"--model_dir={trained_model_dir}",
-                   f"--export_dir={tmp_path}", "--tflite=float,int8",
+                   f"--export_dir={tmp_path}", "--tflite=float,dynamic,int8",
                    "--calibration_images=8")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()
             if line.startswith(("saved_model.pb", "model_"))}
-    assert set(rows) == {"saved_model.pb", "model_float.tflite", "model_int8.tflite"}
+    assert set(rows) == {"saved_model.pb", "model_float.tflite", "model_dynamic.tflite",
+                         "model_int8.tflite"}
     assert rows["model_float.tflite"][1] == "100.00%"
     assert 0 < int(rows["model_int8.tflite"][0]) < int(rows["model_float.tflite"][0])
+    # Dynamic range: int8 weights (a smaller file), float activations.
+    assert 0 < int(rows["model_dynamic.tflite"][0]) < int(rows["model_float.tflite"][0])
     exported_dir = glob.glob(os.path.join(str(tmp_path), "*", "model_int8.tflite"))
     assert len(exported_dir) == 1
 
