@@ -240,7 +240,7 @@ def test_profile_steps_write_a_trace_for_tensorboard(data_dir, tmp_path):
     logdir = str(tmp_path / "profile")
     rate = benchmark.estimator_train_rate(tiny_config(str(tmp_path / "m"), data_dir), steps=2,
                                           warmup=1, profile_dir=logdir)
-    assert rate > 0
+    assert math.isfinite(rate)
     (trace,) = glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb"))
     with open(trace, "rb") as f:
         assert b"Conv2D" in f.read()  # the network's own ops were recorded
