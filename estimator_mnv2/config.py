@@ -261,7 +261,11 @@ def load(model_dir) -> Optional[Config]:
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        cfg = Config.from_params(json.load(f))
+        try:
+            cfg = Config.from_params(json.load(f))
+        except ValueError as e:  # not JSON (a Config field of the wrong type is TypeError)
+            raise ConfigError("model_dir", f"{path} is damaged ({e}); restore it or use a "
+                                           f"new --model_dir") from None
     try:
         cfg.resolve_network()
     except ConfigError as e:

@@ -10,7 +10,7 @@ import typing
 
 from absl import flags
 
-from estimator_mnv2.config import Config
+from estimator_mnv2.config import Config, ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -163,7 +163,10 @@ def config_from_flags(base: Config = None, flag_values=FLAGS):
             continue
         value = flag.value
         if value is not None:
-            value = _flag_kind(_TYPES[name])[1](value)
+            try:
+                value = _flag_kind(_TYPES[name])[1](value)
+            except ValueError as e:  # a list item of the wrong type: --lr_boundaries=1,x
+                raise ConfigError(name, f"{','.join(map(str, value))!r}: {e}") from None
         values[name] = value
     cfg = Config(**{**(base.to_params() if base else {}), **values})
     if "data_dir" in flag_values and flag_values.data_dir:

@@ -39,6 +39,14 @@ def error_summary(error):
     return useful[0] if useful else lines[0]
 
 
+def process_alive(pid):
+    """Whether process `pid` (int or digits) runs on this host; False for anything else."""
+    try:
+        return _alive(int(pid))
+    except ValueError:
+        return False
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)

@@ -31,7 +31,12 @@ def with_data_dir(cfg: Config, data_dir):
     if names is None:
         raise config_lib.ConfigError("data_dir", f"{data_dir} has no {build_lib.LABELS_FILE} "
                                      f"(make it with scripts/build_tfrecords.py)")
-    info = build_lib.read_info(data_dir) or {}
+    try:
+        info = build_lib.read_info(data_dir) or {}
+    except ValueError as e:  # not JSON
+        raise config_lib.ConfigError("data_dir", f"{os.path.join(data_dir, build_lib.INFO_FILE)}"
+                                     f" is damaged ({e}); rebuild with "
+                                     f"scripts/build_tfrecords.py") from None
     return Config(**{**cfg.to_params(),
                      "train_files": cfg.train_files or (os.path.join(data_dir, "train-*"),),
                      "eval_files": cfg.eval_files or (os.path.join(data_dir, "validation-*"),),

@@ -139,6 +139,13 @@ def test_two_shard_sets_side_by_side_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"train-\* holds 2 shard sets \(-of-00002, "
                                                 r"-of-00003\) side by side"):
         input_fn.resolve_files(str(tmp_path / "train-*"))
+    # A set with a shard missing (a build stopped while moving its shards in): refused when a
+    # pattern asks for the set, not when the files are named one by one.
+    os.remove(tmp_path / "train-00000-of-00003")
+    os.remove(tmp_path / "train-00001-of-00002")
+    with pytest.raises(FileNotFoundError, match=r"-of-00002 is incomplete \(1 of 2 shards\)"):
+        input_fn.resolve_files(str(tmp_path / "train-*"))
+    assert input_fn.resolve_files(str(tmp_path / "train-00000-of-00002"))
 
 
 def test_train_preprocessing_shape_range_and_randomness():

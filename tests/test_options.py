@@ -19,13 +19,15 @@ W0 = np.array([1.0, -2.0, 0.5], np.float32)
 TARGET = np.array([0.0, 1.0, 3.0], np.float32)
 
 
-def steps_of(cfg, n):
+def steps_of(cfg, n, second=None):
     """w after each of n steps of build_train_op on loss = sum((w - TARGET)^2), from W0;
-    the gradient is 2 (w - TARGET)."""
+    the gradient is 2 (w - TARGET). With `second`, a second variable u adds sum(u^2)."""
     graph = tf.Graph()
     with graph.as_default():
         w = v1.get_variable("w", initializer=W0)
         loss = tf.reduce_sum(tf.square(w - TARGET))
+        if second is not None:
+            loss += tf.reduce_sum(tf.square(v1.get_variable("u", initializer=second)))
         train_op, _ = optimization.build_train_op(loss, cfg)
         with v1.Session() as sess:
             sess.run(v1.global_variables_initializer())
@@ -42,8 +44,8 @@ def options(**kw):
 
 
 def test_rmsprop_the_default_follows_its_update_rule():
-    cfg = options(momentum=0.9, rmsprop_decay=0.9, rmsprop_epsilon=1.0)
-    assert Config().optimizer == "rmsprop"
+    cfg = options()  # the defaults: the paper's RMSProp, decay 0.9, momentum 0.9, epsilon 1
+    assert cfg.optimizer == "rmsprop"
     w1, w2 = steps_of(cfg, 2)
     # TF's RMSProp: ms starts at 1; ms = decay ms + (1 - decay) g^2;
     # mom = momentum mom + lr g / sqrt(ms + eps); w -= mom.
@@ -65,9 +67,12 @@ def test_momentum_follows_its_update_rule():
 
 
 def test_clip_gradient_norm_scales_the_step_to_the_norm():
-    (w1,) = steps_of(options(optimizer="sgd", clip_gradient_norm=0.5), 1)
-    g = 2 * (W0 - TARGET)  # norm 8.06: clipped to 0.5
-    np.testing.assert_allclose(w1, W0 - 0.1 * g * 0.5 / np.linalg.norm(g), rtol=1e-5)
+    # The global norm over both variables' gradients, not each one's own.
+    u0 = np.array([3.0, 4.0], np.float32)
+    (w1,) = steps_of(options(optimizer="sgd", clip_gradient_norm=0.5), 1, second=u0)
+    g = 2 * (W0 - TARGET)
+    norm = np.sqrt(np.sum(g ** 2) + np.sum((2 * u0) ** 2))  # 13.6: clipped to 0.5
+    np.testing.assert_allclose(w1, W0 - 0.1 * g * 0.5 / norm, rtol=1e-5)
     (unclipped,) = steps_of(options(optimizer="sgd"), 1)
     np.testing.assert_allclose(unclipped, W0 - 0.1 * g, rtol=1e-6)
 

@@ -1,5 +1,7 @@
 """Interrupted runs, corrupt data, bad input and concurrent runs: work is kept, errors named."""
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -116,6 +118,10 @@ def test_second_process_on_the_same_model_dir_is_refused(data_dir, tmp_path):
         other.kill()
         other.wait()
     runner.prepare_model_dir(cfg)  # the holder is gone: its lock is taken over
+    with open(os.path.join(cfg.model_dir, guard.LOCK_FILE)) as f:
+        lock = json.load(f)  # what the refusal above quotes, as this process wrote it
+    assert lock["pid"] == os.getpid() and lock["host"] == os.uname().nodename
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", lock["started"])
     guard.release_lock(cfg.model_dir)
 
 
@@ -281,7 +287,7 @@ def test_decoding_random_bytes_returns_or_raises_cleanly(data):
                          guard.error_summary(e)), e.message
 
 
-def test_damaged_checkpoint_is_named_not_blamed_on_the_records(data_dir, tmp_path):
+def test_damaged_checkpoint_is_named_not_blamed_on_the_records(data_dir, tmp_path, caplog):
     """Bytes flipped in the latest checkpoint's data file: the same command stops naming that
     checkpoint and the previous one to resume from (it used to blame the TFRecords)."""
     model_dir = str(tmp_path / "m")
@@ -295,8 +301,9 @@ def test_damaged_checkpoint_is_named_not_blamed_on_the_records(data_dir, tmp_pat
         f.seek(100)
         f.write(bytes(b ^ 0xFF for b in f.read(100)))
     cfg = tiny_config(model_dir, data_dir, mode="train", train_steps=8, save_checkpoints_steps=2)
-    with pytest.raises(guard.TrainingError) as info:
+    with pytest.raises(guard.TrainingError) as info, caplog.at_level(logging.ERROR):
         runner.fit(cfg, runner.prepare_model_dir(cfg))
+    assert "save/RestoreV2" in caplog.text  # TensorFlow's own error, in the log
     message = str(info.value)
     assert message.startswith(f"the checkpoint {latest} is damaged (")
     assert f"set model_checkpoint_path in {os.path.join(model_dir, 'checkpoint')} to " \

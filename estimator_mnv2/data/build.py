@@ -184,11 +184,16 @@ def build(input_dir, output_dir, validation_fraction=0.1, validation_dir=None, n
         raise FileExistsError(f"{output_dir} already holds shards ({old[0]}, ...); pass "
                               f"--overwrite to replace them or choose another --output_dir")
 
-    # The new shards are written into a hidden staging folder (no `train-*` pattern sees
-    # inside it) and moved into place only once all of them exist, after the old ones are
-    # removed: a build that stops half-way leaves the old set, never a mix of two sets.
+    # Everything new (shards, labels.txt, dataset_info.json) is written into a hidden staging
+    # folder (no `train-*` pattern sees inside it) and moved into place only once all of it
+    # exists: a build stopped while encoding leaves the old files as they were. A stop during
+    # the swap itself (renames, milliseconds) leaves an incomplete set, which resolve_files
+    # refuses, and the rest in the staging folder until the next build.
+    from estimator_mnv2 import guard
+
     for leftover in os.listdir(output_dir):  # from a build that was killed
-        if leftover.startswith(STAGING_PREFIX):
+        if (leftover.startswith(STAGING_PREFIX)
+                and not guard.process_alive(leftover[len(STAGING_PREFIX):])):
             shutil.rmtree(os.path.join(output_dir, leftover), ignore_errors=True)
     staging = os.path.join(output_dir, f"{STAGING_PREFIX}{os.getpid()}")
     os.makedirs(staging)
@@ -207,15 +212,25 @@ def build(input_dir, output_dir, validation_fraction=0.1, validation_dir=None, n
         with concurrent.futures.ThreadPoolExecutor(num_workers or os.cpu_count()) as pool:
             results = list(pool.map(
                 lambda job: write_shard(job[0], job[1], input_dir, progress), jobs))
-        for f in old:
-            os.remove(os.path.join(output_dir, f))
-        for i, (items, path) in enumerate(jobs):
-            final = os.path.join(output_dir, os.path.basename(path))
-            os.replace(path, final)
-            jobs[i] = (items, final)
-    finally:
+        info = _dataset_info(names, jobs, results, seed, input_dir)
+        with open(os.path.join(staging, LABELS_FILE), "w") as f:
+            f.writelines(f"{i}:{name}\n" for i, name in enumerate(names))
+        with open(os.path.join(staging, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=2)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for f in old:
+        os.remove(os.path.join(output_dir, f))
+    for f in sorted(os.listdir(staging)):  # the shards, then dataset_info.json, labels.txt
+        os.replace(os.path.join(staging, f), os.path.join(output_dir, f))
+    os.rmdir(staging)
+    _report(info, output_dir, log)
+    return info
 
+
+def _dataset_info(names, jobs, results, seed, input_dir):
+    """dataset_info.json's content from the shard jobs and what write_shard returned."""
     counts = {s: [0] * len(names) for s in SPLITS}
     skipped = []
     for (_, path), (shard_counts, shard_skipped) in zip(jobs, results):
@@ -223,7 +238,7 @@ def build(input_dir, output_dir, validation_fraction=0.1, validation_dir=None, n
         for label, c in shard_counts.items():
             counts[split][label] += c
         skipped.extend(shard_skipped)
-    info = {
+    return {
         "num_classes": len(names),
         "class_names": names,
         "num_examples": {s: sum(counts[s]) for s in SPLITS},
@@ -234,12 +249,6 @@ def build(input_dir, output_dir, validation_fraction=0.1, validation_dir=None, n
         "seed": seed,
         "source": os.path.abspath(input_dir),
     }
-    with open(os.path.join(output_dir, LABELS_FILE), "w") as f:
-        f.writelines(f"{i}:{name}\n" for i, name in enumerate(names))
-    with open(os.path.join(output_dir, INFO_FILE), "w") as f:
-        json.dump(info, f, indent=2)
-    _report(info, output_dir, log)
-    return info
 
 
 def _report(info, output_dir, log):

@@ -33,17 +33,24 @@ def resolve_files(patterns):
             raise FileNotFoundError(f"file pattern {pattern!r} matches no file")
         files.extend(matched)
     files = sorted(set(files))
-    sets = {}
+    sets = {}  # prefix -> {total: shard indices found}
     for f in files:
-        found = re.match(r"(.*)-\d{5}-of-(\d{5})$", f)
+        found = re.match(r"(.*)-(\d{5})-of-(\d{5})$", f)
         if found:
-            sets.setdefault(found.group(1), set()).add(found.group(2))
+            sets.setdefault(found.group(1), {}).setdefault(found.group(3), set()).add(
+                int(found.group(2)))
+    wildcards = any(c in p for p in patterns for c in "*?[")
     for prefix, totals in sets.items():
         if len(totals) > 1:
             raise FileNotFoundError(
                 f"{prefix}-* holds {len(totals)} shard sets (-of-{', -of-'.join(sorted(totals))})"
                 f" side by side; they would be read together. Rebuild with "
                 f"scripts/build_tfrecords.py --overwrite, or delete the stale set")
+        ((total, found),) = totals.items()
+        if wildcards and len(found) < int(total):  # a pattern meant the whole set
+            raise FileNotFoundError(
+                f"{prefix}-*-of-{total} is incomplete ({len(found)} of {int(total)} shards): "
+                f"an interrupted build? Rebuild with scripts/build_tfrecords.py --overwrite")
     return files
 
 
