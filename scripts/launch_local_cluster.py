@@ -1,8 +1,11 @@
 """Runs a TF_CONFIG cluster of train.py processes on this machine, on loopback ports.
 
   python scripts/launch_local_cluster.py --workers 1 --ps 1 -- \\
-      --distribution_strategy=parameter_server --model_dir runs/cluster --data_dir data/digits \\
-      --image_size 32 --width 0.35 --train_steps 200
+      --model_dir runs/cluster --data_dir data/digits --image_size 32 --width 0.35 \\
+      --train_steps 200
+
+--distribution_strategy defaults to parameter_server with --ps > 0 and to
+multi_worker_mirrored without ps tasks; give it after `--` to choose.
 
 Every task (chief, workers, ps, evaluator) is a separate `scripts/train.py` process with the
 flags after `--` and its own TF_CONFIG, exactly what each machine of a real cluster runs (there,
@@ -146,6 +149,10 @@ def main(argv):
         raise app.UsageError("give train.py's flags after --")
     if FLAGS.workers < 0 or FLAGS.ps < 0:
         raise app.UsageError("--workers and --ps must be >= 0")
+    # The cluster's shape says which strategy is meant; it goes first, so that a
+    # --distribution_strategy among train.py's flags (or in a --flagfile) still wins.
+    default = "parameter_server" if FLAGS.ps else "multi_worker_mirrored"
+    train_args = [f"--distribution_strategy={default}", *train_args]
     sys.exit(run(train_args, FLAGS.workers, FLAGS.ps, FLAGS.evaluator, FLAGS.timeout))
 
 

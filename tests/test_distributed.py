@@ -53,8 +53,11 @@ def test_cluster_on_loopback(strategy, ps, data_dir, tmp_path):
     # Estimator starts a parameter-server worker 5 s after the chief: the chief must still be
     # training then (20 steps took it under 2 s on a quiet machine, and the worker got none).
     steps = 100 if ps else 20
+    # The parameter-server run leaves --distribution_strategy to the launcher's default for
+    # a cluster with ps tasks.
+    strategy_flag = [] if ps else [f"--distribution_strategy={strategy}"]
     r = run_script("launch_local_cluster.py", "--workers=1", f"--ps={ps}", "--timeout=280",
-                   "--", f"--distribution_strategy={strategy}", f"--model_dir={model_dir}",
+                   "--", *strategy_flag, f"--model_dir={model_dir}",
                    f"--data_dir={data_dir}", "--batch_size=8", "--learning_rate=0.01",
                    f"--train_steps={steps}", f"--eval_every_steps={steps // 2}",
                    "--eval_steps=1", *COMMON)
