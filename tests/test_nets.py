@@ -15,7 +15,7 @@ def build_graph(name, size=224, num_classes=1000, is_training=False, **kwargs):
     graph = tf.Graph()
     with graph.as_default():
         images = v1.placeholder(tf.float32, [None, size, size, 3])
-        logits, endpoints = nets.get_network(name)(images, num_classes, is_training, **kwargs)
+        logits, endpoints = nets.resolve(name)(images, num_classes, is_training, **kwargs)
     return graph, images, logits, endpoints
 
 
@@ -104,7 +104,7 @@ def test_unknown_size_graph_runs_at_two_sizes():
     graph = tf.Graph()
     with graph.as_default():
         images = v1.placeholder(tf.float32, [None, None, None, 3])
-        logits, _ = nets.get_network("mobilenet_v2_article")(images, 4, False, width=0.35)
+        logits, _ = nets.resolve("mobilenet_v2_article")(images, 4, False, width=0.35)
         with v1.Session() as sess:
             sess.run(v1.global_variables_initializer())
             for size in (64, 96):
@@ -118,7 +118,7 @@ def test_update_ops_and_regularization_losses():
         with graph.as_default():
             v1.set_random_seed(0)
             images = v1.placeholder(tf.float32, [None, 32, 32, 3])
-            nets.get_network("mobilenet_v2")(images, 3, True, width=0.35,
+            nets.resolve("mobilenet_v2")(images, 3, True, width=0.35,
                                              weight_decay=weight_decay)
             bn_layers = len([v for v in v1.global_variables() if v.op.name.endswith("/gamma")])
             updates = v1.get_collection(v1.GraphKeys.UPDATE_OPS)
@@ -136,7 +136,7 @@ def test_update_ops_and_regularization_losses():
 
 def test_unknown_network_lists_known_ones():
     with pytest.raises(ValueError, match="mobilenet_v2, mobilenet_v2_article"):
-        nets.get_network("resnet50")
+        nets.resolve("resnet50")
 
 
 def keras_model_with_random_statistics(alpha, size, classes, seed):

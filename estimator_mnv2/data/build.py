@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 
 import tensorflow as tf
 
+from estimator_mnv2 import guard
 from estimator_mnv2.data import preprocessing, schema
 
 LABELS_FILE = "labels.txt"
@@ -189,8 +190,6 @@ def build(input_dir, output_dir, validation_fraction=0.1, validation_dir=None, n
     # exists: a build stopped while encoding leaves the old files as they were. A stop during
     # the swap itself (renames, milliseconds) leaves an incomplete set, which resolve_files
     # refuses, and the rest in the staging folder until the next build.
-    from estimator_mnv2 import guard
-
     for leftover in os.listdir(output_dir):  # from a build that was killed
         if (leftover.startswith(STAGING_PREFIX)
                 and not guard.process_alive(leftover[len(STAGING_PREFIX):])):

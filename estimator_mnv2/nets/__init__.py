@@ -104,11 +104,6 @@ def resolve(name) -> Network:
                        f"(python scripts/train.py --list_networks)")
 
 
-def get_network(name):
-    """The network function for `name` (see resolve)."""
-    return resolve(name)
-
-
 def import_function(spec):
     """Imports `function` from 'module.path:function'. A module in the current folder is found
     too (after installed modules and PYTHONPATH, so it never shadows them); NetworkError names
