@@ -4,6 +4,10 @@ Importing the package checks the platform first: tf.estimator exists only up to 
 and a wrong TensorFlow fails later with obscure errors, so it fails here with what to install.
 """
 
+import os
+import re
+import sys
+
 _INSTALL_HINT = (
     "pip install 'tensorflow-cpu>=2.15.1,<2.16' 'tensorflow-estimator==2.15.*' "
     "(or 'tensorflow[and-cuda]>=2.15.1,<2.16' for GPUs), or pip install -e '.[cpu]'"
@@ -29,6 +33,18 @@ def _check_platform():
             f"{_INSTALL_HINT}") from e
 
 
+def _quiet_tensorflow_cpp():
+    """TensorFlow's C++ INFO lines at import and session start (oneDNN, CPU instructions, MLIR
+    passes) are notes for TensorFlow's developers: hidden unless the command line asks for
+    verbosity (-v / --verbosity) or TF_CPP_MIN_LOG_LEVEL is already set. C++ warnings and
+    errors still show."""
+    verbose = any(a in ("-v", "--v", "--verbosity") or re.match(r"--?(v|verbosity)=", a)
+                  for a in sys.argv[1:])
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
+_quiet_tensorflow_cpp()
 _check_platform()
 
 __version__ = "0.1.0"

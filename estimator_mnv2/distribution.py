@@ -28,8 +28,8 @@ import os
 import shutil
 
 import tensorflow as tf
-from absl import logging
 
+from estimator_mnv2 import console
 from estimator_mnv2.config import Config, ConfigError
 
 # Roles in a TF_CONFIG cluster that train (the others: ps serves variables, evaluator evaluates).
@@ -145,7 +145,7 @@ def make_strategy(cfg: Config):
             return None  # the evaluator evaluates on its own
         return _multi_worker_strategy()
     on_gpus = all("GPU" in d for d in devices)
-    logging.info("mirrored strategy over %s, %d images per replica per step", ", ".join(devices),
+    console.say("mirrored strategy over %s, %d images per replica per step", ", ".join(devices),
                  cfg.batch_size // len(devices))
     return tf.distribute.MirroredStrategy(
         devices, cross_device_ops=None if on_gpus else tf.distribute.ReductionToOneDevice())

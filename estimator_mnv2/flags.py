@@ -172,6 +172,9 @@ def config_from_flags(base: Config = None, flag_values=FLAGS):
     if "data_dir" in flag_values and flag_values.data_dir:
         from estimator_mnv2 import runner
         cfg = runner.with_data_dir(cfg, flag_values.data_dir)
+    elif base is None and cfg.train_files:
+        from estimator_mnv2 import runner
+        cfg = runner.with_shard_info(cfg)
     return cfg
 
 
@@ -189,13 +192,3 @@ def fail(error: Exception, code=2):
     written), 1 for a training failure, 128 + signal for an interruption."""
     print(f"error: {error}", file=sys.stderr)
     sys.exit(code)
-
-
-
-def setup_logging():
-    """One copy of each log line: TensorFlow's logger hands its records to absl's handler."""
-    import tensorflow as tf
-    from absl import logging
-
-    tf.get_logger().handlers = []
-    logging.set_verbosity(logging.INFO)

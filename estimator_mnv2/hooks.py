@@ -6,6 +6,8 @@ import tensorflow as tf
 from absl import logging
 from tensorflow_estimator.python.estimator import estimator as estimator_lib
 
+from estimator_mnv2 import console
+
 v1 = tf.compat.v1
 # Seconds a hook spent in after_run on work other than training (an evaluation), set on the
 # run's SessionRunContext, which every hook of one run shares: ProgressHook leaves them out
@@ -56,7 +58,7 @@ class ProgressHook(v1.train.SessionRunHook):
         left = (self._max_steps - step) / wall_steps_per_sec
         rate = done * self._batch_size / max(self._step_seconds, 1e-9)
         skipped = f"  {r['skipped']} corrupt records skipped" if r.get("skipped") else ""
-        logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f examples/s  %s left%s", step,
+        console.say("step %d/%d  loss %.4f  lr %.3g  %.1f examples/s  %s left%s", step,
                      self._max_steps, r["loss"], r["lr"], rate, _duration(left), skipped)
         self._last = (step, now)
         self._step_seconds = 0.0
@@ -160,6 +162,8 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
                      ", ".join(f"{k} = {v:.4g}" for k, v in sorted(result.items())
                                if not isinstance(v, bytes)))
         estimator_lib._write_dict_to_summary(self._eval_dir, result, step)
+        for hook in self._all_hooks:  # the end of this evaluation (metrics.EvalSummaryHook)
+            hook.end(self._session)
         self._last_step = step
         return bool(self._on_result(result, train_session))
 

@@ -1,36 +1,19 @@
-"""Evaluation metrics: top-1, top-5, mean per-class accuracy and a confusion-matrix image."""
+"""Evaluation metrics (top-1, top-5, mean per-class accuracy) and the evaluation analysis:
+confusion counts and the most confidently misclassified images, accumulated in the evaluation
+graph and written to TensorBoard at the end of every evaluation by EvalSummaryHook."""
+
+import os
 
 import tensorflow as tf
+from absl import logging
+from tensorflow.core.framework import summary_pb2
+
+from estimator_mnv2 import report
 
 v1 = tf.compat.v1
 
-
-def confusion_matrix_image(matrix, cell=None):
-    """[C, C] counts -> uint8 [1, H, W, 3]: rows (true class) normalized, white = 0, dark = 1.
-
-    Each class is a `cell`-pixel square so that small class counts stay readable.
-    """
-    c = int(matrix.shape[0])
-    cell = cell or max(1, 256 // c)
-    rows = tf.cast(matrix, tf.float32)
-    rows = rows / tf.maximum(tf.reduce_sum(rows, axis=1, keepdims=True), 1.0)
-    # White (0) to dark blue (1): readable as a heat map without a colour bar.
-    rgb = tf.stack([1.0 - rows, 1.0 - 0.8 * rows, 1.0 - 0.3 * rows], axis=-1)  # [C, C, 3]
-    big = tf.repeat(tf.repeat(rgb, cell, axis=0), cell, axis=1)
-    return tf.cast(tf.round(big * 255.0), tf.uint8)[None]
-
-
-def confusion_matrix_metric(labels, predictions, num_classes):
-    """(value_op, update_op): the value is a serialized image Summary, which the Estimator writes
-    to the eval event file as `confusion_matrix/0` after each evaluation."""
-    total = v1.get_variable("confusion_matrix_total", [num_classes, num_classes], tf.int64,
-                            initializer=v1.zeros_initializer(), trainable=False,
-                            collections=[v1.GraphKeys.LOCAL_VARIABLES,
-                                         v1.GraphKeys.METRIC_VARIABLES])
-    update = v1.assign_add(total, tf.math.confusion_matrix(
-        labels, predictions, num_classes=num_classes, dtype=tf.int64))
-    value = v1.summary.image("confusion_matrix", confusion_matrix_image(total), collections=[])
-    return value, update
+ANALYSIS = "estimator_mnv2_eval_analysis"  # graph collections <ANALYSIS>/<name>: its variables
+MISCLASSIFIED_KEPT = 16
 
 
 def eval_metric_ops(labels, logits, num_classes):
@@ -42,5 +25,152 @@ def eval_metric_ops(labels, logits, num_classes):
             tf.cast(tf.math.in_top_k(labels, logits, k), tf.float32)),
         "mean_per_class_accuracy": v1.metrics.mean_per_class_accuracy(
             labels, predictions, num_classes),
-        "confusion_matrix": confusion_matrix_metric(labels, predictions, num_classes),
     }
+
+
+def eval_analysis(labels, logits, images, num_classes, keep=MISCLASSIFIED_KEPT):
+    """Local variables that an evaluation accumulates batch by batch: the confusion counts
+    [C, C] (rows: true class) and the `keep` misclassified images with the highest confidence
+    in the wrong class (uint8, as the network saw them). Returns the update op; the variables
+    go to the ANALYSIS collection for EvalSummaryHook and AnalysisCollector. Like the metrics,
+    they are reset by the evaluation's local_init_op."""
+    local = dict(trainable=False, collections=[v1.GraphKeys.LOCAL_VARIABLES,
+                                               v1.GraphKeys.METRIC_VARIABLES])
+    size = images.shape[1:]
+    if not size.is_fully_defined():
+        raise ValueError(f"evaluation images need a static size, got {images.shape}")
+    with v1.variable_scope("eval_analysis"):
+        counts = v1.get_variable("confusion_counts", [num_classes, num_classes], tf.int64,
+                                 v1.zeros_initializer(), **local)
+        kept_images = v1.get_variable("images", [keep, *size], tf.uint8,
+                                      v1.zeros_initializer(), **local)
+        kept_score = v1.get_variable("confidence", [keep], tf.float32,
+                                     v1.constant_initializer(-1.0), **local)  # -1: empty
+        kept_true = v1.get_variable("true", [keep], tf.int64, v1.zeros_initializer(), **local)
+        kept_pred = v1.get_variable("predicted", [keep], tf.int64, v1.zeros_initializer(),
+                                    **local)
+    labels = tf.cast(labels, tf.int64)
+    probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
+    predicted = tf.argmax(probabilities, axis=1)
+    score = tf.where(tf.equal(predicted, labels), -tf.ones_like(labels, tf.float32),
+                     tf.reduce_max(probabilities, axis=1))
+    # This batch's `keep` most confident mistakes first (no copy of the whole batch), then the
+    # best `keep` of them and the kept ones.
+    batch_score, batch_index = tf.math.top_k(score, tf.minimum(keep, tf.size(score)))
+    pixels = tf.cast(tf.clip_by_value(tf.round((tf.gather(images, batch_index) + 1.0) * 127.5),
+                                      0.0, 255.0), tf.uint8)
+    all_score = tf.concat([kept_score, batch_score], 0)
+    best_score, best = tf.math.top_k(all_score, keep)
+    update = tf.group(
+        v1.assign_add(counts, tf.math.confusion_matrix(labels, predicted, num_classes,
+                                                       dtype=tf.int64)),
+        v1.assign(kept_images, tf.gather(tf.concat([kept_images, pixels], 0), best)),
+        v1.assign(kept_score, best_score),
+        v1.assign(kept_true, tf.gather(tf.concat([kept_true, tf.gather(labels, batch_index)],
+                                                 0), best)),
+        v1.assign(kept_pred, tf.gather(tf.concat([kept_pred, tf.gather(predicted,
+                                                                       batch_index)], 0),
+                                       best)))
+    for name, variable in (("counts", counts), ("images", kept_images),
+                           ("confidence", kept_score), ("true", kept_true),
+                           ("predicted", kept_pred)):
+        v1.add_to_collection(f"{ANALYSIS}/{name}", variable)
+    return update
+
+
+def analysis_tensors():
+    """The default graph's ANALYSIS tensors ({name: tensor}), or None."""
+    tensors = {name: v1.get_collection(f"{ANALYSIS}/{name}")
+               for name in ("counts", "images", "confidence", "true", "predicted")}
+    return {k: v[-1] for k, v in tensors.items()} if all(tensors.values()) else None
+
+
+def read_analysis(session, tensors, class_names, step=None):
+    """The ANALYSIS `tensors` as a report.Analysis."""
+    values = session.run(tensors)
+    return report.Analysis(values["counts"], class_names, values["images"], values["true"],
+                           values["predicted"], values["confidence"], step)
+
+
+def text_value(tag, markdown):
+    """A Summary value that TensorBoard's text plugin renders (markdown)."""
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+    return summary_pb2.Summary.Value(tag=tag, metadata=metadata,
+                                     tensor=tf.make_tensor_proto(markdown))
+
+
+def image_value(tag, png):
+    height, width = struct_size(png)
+    return summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
+        height=height, width=width, colorspace=4 if png[25] == 6 else 3,
+        encoded_image_string=png))
+
+
+def struct_size(png):
+    """(height, width) from a PNG's IHDR."""
+    return int.from_bytes(png[20:24], "big"), int.from_bytes(png[16:20], "big")
+
+
+def analysis_summary(analysis):
+    """TensorBoard values for one evaluation: `confusion_matrix` and `misclassified` images,
+    `per_class` text (the table, then the most confused pairs), and, when the images carry no
+    labels (no matplotlib), `misclassified_labels` text."""
+    text = (f"{analysis.headline()}\n\n{analysis.per_class_markdown()}\n\n"
+            f"**Most confused pairs**\n\n{analysis.pairs_markdown()}")
+    values = [image_value("confusion_matrix", analysis.confusion_png()),
+              text_value("per_class", text)]
+    png = analysis.misclassified_png()
+    if png is not None:
+        values.append(image_value("misclassified", png))
+        if report.matplotlib_figure() is None:
+            values.append(text_value("misclassified_labels", analysis.misclassified_markdown()))
+    return summary_pb2.Summary(value=values)
+
+
+class EvalSummaryHook(v1.train.SessionRunHook):
+    """At the end of an evaluation, writes the analysis (analysis_summary) to `eval_dir` at
+    the evaluated global step, beside Estimator's scalars."""
+
+    def __init__(self, eval_dir, class_names):
+        self._eval_dir, self._class_names = eval_dir, class_names
+
+    def begin(self):  # in the evaluation graph (end may run with another one as the default)
+        self._step = v1.train.get_global_step()
+        self._tensors = analysis_tensors()
+
+    def end(self, session):
+        if self._tensors is None:
+            return
+        step = int(session.run(self._step))
+        analysis = read_analysis(session, self._tensors, self._class_names, step)
+        if analysis.total == 0:
+            return
+        writer = v1.summary.FileWriterCache.get(self._eval_dir)
+        writer.add_summary(analysis_summary(analysis), step)
+        writer.flush()
+        logging.info("wrote the evaluation analysis of step %d to %s", step, self._eval_dir)
+
+
+class AnalysisCollector(v1.train.SessionRunHook):
+    """Keeps the last evaluation's report.Analysis in `.analysis` (scripts/evaluate.py's
+    report)."""
+
+    def __init__(self, class_names):
+        self._class_names = class_names
+        self.analysis = None
+
+    def begin(self):
+        self._step = v1.train.get_global_step()
+        self._tensors = analysis_tensors()
+
+    def end(self, session):
+        if self._tensors is not None:
+            self.analysis = read_analysis(session, self._tensors, self._class_names,
+                                          int(session.run(self._step)))
+
+
+def eval_dir(model_dir):
+    """Where evaluations write their summaries (Estimator's eval_dir for name=None)."""
+    return os.path.join(model_dir, "eval")
+

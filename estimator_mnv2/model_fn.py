@@ -4,7 +4,7 @@ import re
 
 import tensorflow as tf
 
-from estimator_mnv2 import hooks, metrics, nets, optimization, precision
+from estimator_mnv2 import console, hooks, metrics, nets, optimization, precision
 from estimator_mnv2.config import Config, ConfigError
 from estimator_mnv2.data import input_fn
 
@@ -131,6 +131,18 @@ def skipped_records(index):
     return skipped
 
 
+def say_parameters(cfg: Config):
+    """The training graph's network size on the console, before the optimizer adds slots."""
+    def size(variables):
+        return sum(v.shape.num_elements() or 0 for v in variables)
+
+    total = size(v for v in v1.global_variables() if v.op.name != "global_step")
+    trained = size(v for v in v1.trainable_variables()
+                   if not cfg.trainable_scopes or re.search(cfg.trainable_scopes, v.op.name))
+    console.say("network %s: %s parameters, %s trained", cfg.network, f"{total:,}",
+                f"{trained:,}")
+
+
 def model_fn(features, labels, mode, params):
     cfg = Config.from_params(params)
     training = mode == ModeKeys.TRAIN
@@ -147,10 +159,18 @@ def model_fn(features, labels, mode, params):
 
     loss, cross_entropy, regularization = compute_loss(logits, labels, cfg)
     if mode == ModeKeys.EVAL:
+        metric_ops = metrics.eval_metric_ops(labels, logits, cfg.num_classes)
+        # The analysis (confusion counts, misclassified images) accumulates with the metrics:
+        # its update runs wherever theirs does (Estimator's evaluate, the in-memory one).
+        value, update = metric_ops["accuracy"]
+        metric_ops["accuracy"] = (value, tf.group(update, metrics.eval_analysis(
+            labels, logits, images, cfg.num_classes)))
         return tf.estimator.EstimatorSpec(
-            mode, loss=loss, scaffold=scaffold,
-            eval_metric_ops=metrics.eval_metric_ops(labels, logits, cfg.num_classes))
+            mode, loss=loss, scaffold=scaffold, eval_metric_ops=metric_ops,
+            evaluation_hooks=[metrics.EvalSummaryHook(metrics.eval_dir(cfg.model_dir),
+                                                      cfg.class_names)])
 
+    say_parameters(cfg)
     var_list = None
     if cfg.trainable_scopes:
         var_list = [v for v in v1.trainable_variables() if re.search(cfg.trainable_scopes,
@@ -159,7 +179,9 @@ def model_fn(features, labels, mode, params):
     v1.summary.scalar("cross_entropy", cross_entropy)
     v1.summary.scalar("regularization_loss", regularization)
     v1.summary.scalar("learning_rate", lr)
-    v1.summary.scalar("train_accuracy", tf.reduce_mean(
+    # `accuracy` and `loss` (Estimator's) are the evaluation's tags too: TensorBoard draws the
+    # training and evaluation curves of each on one chart.
+    v1.summary.scalar("accuracy", tf.reduce_mean(
         tf.cast(tf.equal(predictions["classes"], labels), tf.float32)))
     v1.summary.image("input_images", (images + 1.0) / 2.0, max_outputs=3)
     skipped = (skipped_records(features[input_fn.RECORD_INDEX])

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import time
 import traceback
 
 import numpy as np
@@ -11,7 +12,7 @@ import tensorflow as tf
 from absl import logging
 
 from estimator_mnv2 import config as config_lib
-from estimator_mnv2 import distribution, export, guard, precision, warm_start
+from estimator_mnv2 import console, distribution, export, guard, precision, warm_start
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import build as build_lib
 from estimator_mnv2.data import input_fn as input_lib
@@ -44,6 +45,31 @@ def with_data_dir(cfg: Config, data_dir):
                      "num_classes": cfg.num_classes or len(names),
                      "num_train_examples": (cfg.num_train_examples
                                             or info.get("num_examples", {}).get("train", 0))})
+
+
+def with_shard_info(cfg: Config):
+    """--train_files without --data_dir: the epoch size from the dataset_info.json beside the
+    shards (when they are one whole split of a build_tfrecords.py folder), and the class names
+    from the labels.txt there when --num_classes is 0 or agrees with it. Explicit settings win;
+    files that do not resolve are left for prepare_model_dir to name."""
+    try:
+        files = input_lib.resolve_files(cfg.train_files)
+    except FileNotFoundError:
+        return cfg
+    values = {}
+    if not cfg.num_train_examples:
+        size = build_lib.split_size(files)
+        if size:
+            values["num_train_examples"] = size
+    folders = {os.path.dirname(f) for f in files}
+    if not cfg.class_names and len(folders) == 1:
+        try:
+            names = build_lib.read_labels(folders.pop())
+        except ValueError:
+            names = None
+        if names and cfg.num_classes in (0, len(names)):
+            values.update(class_names=tuple(names), num_classes=len(names))
+    return Config(**{**cfg.to_params(), **values}) if values else cfg
 
 
 def prepare_model_dir(cfg: Config):
@@ -151,22 +177,28 @@ def fit(cfg: Config, warm_start_from=None):
       and bad records, each named.
     """
     precision.warn_without_gpu(cfg)
+    started = time.time()
     estimator = make_estimator(cfg, warm_start_from)
+    say_start(cfg)
     train_input = input_lib.make_input_fn(cfg.train_files, True, cfg,
                                           shard=distribution.input_shard(estimator.config))
     stop = guard.StopOnSignalHook()
     try:
+        result_best = None
         if cfg.mode == "train":
             estimator.train(train_input, max_steps=cfg.max_steps, hooks=[stop])
             result = None
         elif in_memory_evaluation(cfg):
             # Its iterator restarts at every evaluation: no tf.data autotuning (see input_fn).
             eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg, autotune=False)
-            result = _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
+            result, result_best = _train_and_evaluate_in_memory(cfg, estimator, train_input,
+                                                                eval_input, stop)
         else:
             eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
             cluster = bool(distribution.tf_config().get("cluster"))
             exporters = export.training_exporters(cfg) if cfg.export_during_training else []
+            evaluations = EvaluationLog()  # one console line per evaluation, and the best
+            exporters.append(evaluations)
             # Each evaluation reads the checkpoint saved every eval_every_steps; throttle_secs=0
             # lets every one of them be evaluated instead of one per 10 minutes. An evaluator
             # task polls for new checkpoints every 5 s, not in a busy loop.
@@ -177,6 +209,7 @@ def fit(cfg: Config, warm_start_from=None):
                                               throttle_secs=5 if cluster else 0)
             out = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
             result = printable_metrics(out[0]) if out and out[0] else None
+            result_best = evaluations.best
     except v1.train.NanLossDuringTrainingError:
         raise guard.TrainingError(
             f"the loss became NaN or Inf; training stopped and the last good checkpoint "
@@ -220,7 +253,99 @@ def fit(cfg: Config, warm_start_from=None):
             f"stopped by {signal.Signals(stop.signum).name} at "
             f"{tf.train.latest_checkpoint(cfg.model_dir)} (checkpoint saved); run the same "
             f"command again to resume"))
+    say_done(cfg, result, result_best, time.time() - started)
     return result
+
+
+def _checkpoint_step(path):
+    found = re.search(r"-(\d+)$", path or "")
+    return int(found.group(1)) if found else 0
+
+
+def say_start(cfg: Config):
+    """The start summary: network, data, steps, model_dir and the log file."""
+    eval_files = input_lib.resolve_files(cfg.eval_files) if cfg.eval_files else []
+    eval_size = build_lib.split_size(eval_files) if cfg.mode != "train" else None
+    data = (f"{cfg.num_train_examples:,} training images" if cfg.num_train_examples
+            else f"training images from {', '.join(cfg.train_files)}")
+    if eval_size:
+        data += f", {eval_size:,} for evaluation"
+    kind, index = distribution.task()
+    task = f" ({kind} {index})" if distribution.tf_config().get("cluster") else ""
+    console.say("training %s (width %s) on %d classes at %d px%s: %s", cfg.network, cfg.width,
+                cfg.num_classes, cfg.image_size, task, data)
+    start = _checkpoint_step(tf.train.latest_checkpoint(cfg.model_dir))
+    plan = f"to step {cfg.max_steps:,}"
+    if cfg.num_train_examples:
+        plan += f" ({cfg.max_steps * cfg.batch_size / cfg.num_train_examples:.3g} epochs)"
+    plan += (f", batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.learning_rate:g} "
+             f"({cfg.lr_schedule})")
+    if start:
+        plan += f", resuming from step {start:,}"
+    if cfg.mode == "train_and_evaluate":
+        plan += f"; evaluating every {cfg.eval_every_steps:,} steps"
+    console.say("%s", plan)
+    log = console.log_file()
+    console.say("model_dir %s%s", cfg.model_dir, f" (full log: {log})" if log else "")
+
+
+def format_metrics(metrics):
+    """'top-1 0.9331, top-5 0.9944, mean per-class 0.9333, loss 0.2627' for the console."""
+    names = (("accuracy", "top-1"), ("top_5_accuracy", "top-5"),
+             ("mean_per_class_accuracy", "mean per-class"), ("loss", "loss"))
+    return ", ".join(f"{label} {float(metrics[key]):.4f}" for key, label in names
+                     if key in metrics)
+
+
+class EvaluationLog(tf.estimator.Exporter):
+    """An exporter that writes nothing: train_and_evaluate calls it after every evaluation
+    (in the process that evaluates), so it says one console line per evaluation and keeps the
+    best top-1, as the in-memory evaluation does."""
+
+    def __init__(self):
+        self.best = None
+
+    @property
+    def name(self):
+        return "evaluation_log"
+
+    def export(self, estimator, export_path, checkpoint_path, eval_result,
+               is_the_final_export):
+        accuracy = float(eval_result["accuracy"])
+        is_best = self.best is None or accuracy > self.best["accuracy"]
+        if is_best:
+            self.best = {"accuracy": accuracy, "global_step": int(eval_result["global_step"])}
+        console.say("evaluation at step %d: %s%s", int(eval_result["global_step"]),
+                    format_metrics(eval_result), " (best so far)" if is_best else "")
+        return None
+
+
+def _newest_export(cfg, name):
+    folder = os.path.join(cfg.model_dir, "export", name)
+    found = sorted(d for d in tf.io.gfile.listdir(folder) if d.strip("/").isdigit()) \
+        if tf.io.gfile.isdir(folder) else []
+    return os.path.join(folder, found[-1].strip("/")) if found else None
+
+
+def say_done(cfg: Config, result, best, seconds):
+    """The closing summary: the step reached, the best top-1 and its step, the checkpoint,
+    the exports and the TensorBoard command."""
+    latest = tf.train.latest_checkpoint(cfg.model_dir)
+    line = f"done in {seconds:.0f} s: step {_checkpoint_step(latest):,}"
+    if result:
+        line += f", last evaluation top-1 {result['accuracy']:.4f}"
+    if best:
+        line += f"; best top-1 {best['accuracy']:.4f} at step {best['global_step']:,}"
+    console.say("%s", line)
+    if not distribution.is_chief():
+        return
+    console.say("checkpoint: %s", latest)
+    if cfg.export_during_training and cfg.mode == "train_and_evaluate":
+        exports = [f"{name} {path}" for name in ("best", "latest")
+                   if (path := _newest_export(cfg, name))]
+        if exports:
+            console.say("exports: %s", ", ".join(exports))
+    console.say("TensorBoard: %s", console.tensorboard_command(cfg.model_dir))
 
 
 BEST_DIR = "best"  # model_dir/best: the checkpoint of the best evaluation so far
@@ -260,7 +385,10 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
     def on_result(metrics, train_session):
         """Keeps the best weights; True (stop) once cfg.stop_at_accuracy is reached."""
         state["last"] = metrics
-        if metrics["accuracy"] > best["accuracy"]:
+        is_best = metrics["accuracy"] > best["accuracy"]
+        console.say("evaluation at step %d: %s%s", int(metrics["global_step"]),
+                    format_metrics(metrics), " (best so far)" if is_best else "")
+        if is_best:
             step = int(metrics["global_step"])
             savers["best"].save(train_session, os.path.join(best_dir, "model.ckpt"), step,
                                 write_meta_graph=False)
@@ -268,7 +396,7 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
             write_json(best, record)
             state["best_changed"] = True
         if cfg.stop_at_accuracy and metrics["accuracy"] >= cfg.stop_at_accuracy:
-            logging.info("top-1 %.4f reached --stop_at_accuracy=%g at step %d: stopping",
+            console.say("top-1 %.4f reached --stop_at_accuracy=%g at step %d: stopping",
                          metrics["accuracy"], cfg.stop_at_accuracy, metrics["global_step"])
             return True
         return False
@@ -290,7 +418,8 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
                                              os.path.join(cfg.model_dir, "export", name),
                                              checkpoint)
             logging.info("exported the %s model (%s) to %s", name, checkpoint, path)
-    return printable_metrics(state["last"]) if state["last"] else None
+    last = printable_metrics(state["last"]) if state["last"] else None
+    return last, (best if best["accuracy"] >= 0 else None)
 
 
 def _damaged_checkpoint(cfg, error):
@@ -340,13 +469,43 @@ def input_error_summary(error):
     return " ".join(p for p in parts if p).split("\n")[0]
 
 
-def evaluate(cfg: Config, checkpoint_path=None, eval_files=None, name=None):
+def evaluate(cfg: Config, checkpoint_path=None, eval_files=None):
     """Evaluates the latest (or the given) checkpoint; returns the metrics as plain numbers."""
+    return evaluate_with_analysis(cfg, checkpoint_path, eval_files)[0]
+
+
+def evaluate_with_analysis(cfg: Config, checkpoint_path=None, eval_files=None):
+    """evaluate(), and the evaluation's report.Analysis (confusion counts, misclassified
+    images). TensorBoard gets the analysis in model_dir/eval either way."""
+    from estimator_mnv2 import metrics
+
     estimator = make_estimator(cfg, training=False)
     eval_input = input_lib.make_input_fn(eval_files or cfg.eval_files, False, cfg)
-    result = estimator.evaluate(eval_input, steps=cfg.eval_steps or None,
-                                checkpoint_path=checkpoint_path, name=name)
-    return printable_metrics(result)
+    collector = metrics.AnalysisCollector(cfg.class_names)
+    result = estimator.evaluate(eval_input, steps=cfg.eval_steps or None, hooks=[collector],
+                                checkpoint_path=checkpoint_path)
+    return printable_metrics(result), collector.analysis
+
+
+def write_report(cfg: Config, metrics, analysis, path, checkpoint, eval_files):
+    """eval_report.md at `path` and the confusion matrix as a PNG beside it
+    (<name>_confusion_matrix.png); returns the PNG's path."""
+    from estimator_mnv2 import report
+
+    image = os.path.splitext(path)[0] + "_confusion_matrix.png"
+    with open(image + ".tmp", "wb") as f:
+        f.write(analysis.confusion_png())
+    os.replace(image + ".tmp", image)
+    details = [f"checkpoint: `{checkpoint}` (step {_checkpoint_step(checkpoint):,})",
+               f"images: `{', '.join(eval_files)}`",
+               f"network: `{cfg.network}` (width {cfg.width:g}), {cfg.image_size} px, "
+               f"{cfg.num_classes} classes"]
+    text = report.markdown_report(analysis, metrics, f"Evaluation of {cfg.model_dir}", details,
+                                  os.path.basename(image))
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return image
 
 
 def printable_metrics(result):

@@ -18,6 +18,7 @@ import tempfile
 
 from absl import app, flags
 
+from estimator_mnv2 import console
 from estimator_mnv2 import flags as flag_lib
 from estimator_mnv2.config import Config
 
@@ -227,7 +228,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flag_lib.setup_logging()
+    console.install("benchmark")
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)

@@ -11,6 +11,8 @@ import sys
 
 from absl import app, flags
 
+from estimator_mnv2 import console
+
 flags.DEFINE_string("input_dir", None, "Folder with one sub-folder of images per class.")
 flags.DEFINE_string("output_dir", None, "Folder for the shards.")
 flags.DEFINE_string("validation_dir", None,
@@ -44,4 +46,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    console.install("build_tfrecords")
     app.run(main)

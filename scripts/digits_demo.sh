@@ -6,7 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 bash scripts/setup.sh
-export TF_CPP_MIN_LOG_LEVEL=2
 PY=.venv/bin/python
 
 [ -d data/digits_images ] || $PY scripts/make_digits.py --output_dir data/digits_images
@@ -19,4 +18,3 @@ export_path=$(ls -d runs/digits/export/manual/[0-9]* | sort | tail -n 1)
 $PY scripts/predict.py --saved_model "$export_path" \
   data/digits_images/0/0000.png data/digits_images/3/0003.png data/digits_images/7/0007.png
 echo "main job done in $(( $(date +%s) - start ))s"
-echo "TensorBoard: .venv/bin/tensorboard --logdir runs/digits"

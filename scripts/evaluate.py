@@ -1,9 +1,13 @@
-"""Evaluates a trained model_dir's latest (or a named) checkpoint; prints and saves the metrics.
+"""Evaluates a trained model_dir's latest (or a named) checkpoint; prints and saves the metrics
+and a report.
 
   python scripts/evaluate.py --model_dir runs/digits
   python scripts/evaluate.py --model_dir runs/digits --eval_files 'other/validation-*' \
       --checkpoint runs/digits/model.ckpt-400 --output_json metrics.json
 
+Writes model_dir/eval_metrics.json, model_dir/eval_report.md (the metrics, a table of every
+class, the most confused pairs) with the confusion matrix beside it
+(eval_report_confusion_matrix.png), and the same analysis to TensorBoard (model_dir/eval).
 The network flags come from model_dir/config.json; flags given here override data settings.
 """
 
@@ -11,11 +15,14 @@ import os
 
 from absl import app, flags
 
+from estimator_mnv2 import console
 from estimator_mnv2 import flags as flag_lib
 
 flag_lib.define_config_flags()
 flags.DEFINE_string("checkpoint", None, "Checkpoint path (default: the latest in --model_dir).")
 flags.DEFINE_string("output_json", None, "Metrics file (default: model_dir/eval_metrics.json).")
+flags.DEFINE_string("report", None, "Markdown report (default: model_dir/eval_report.md); the "
+                    "confusion-matrix PNG goes beside it.")
 FLAGS = flags.FLAGS
 
 
@@ -40,16 +47,25 @@ def main(argv):
         if checkpoint is None or not tf.compat.v1.train.checkpoint_exists(checkpoint):
             raise config_lib.ConfigError("checkpoint", f"no checkpoint found at "
                                          f"{FLAGS.checkpoint or cfg.model_dir}")
+        for flag in ("report", "output_json"):
+            folder = os.path.dirname(FLAGS[flag].value or "") or "."
+            if FLAGS[flag].value and not os.path.isdir(folder):
+                raise config_lib.ConfigError(flag, f"{folder} is not a folder")
     except (ValueError, FileNotFoundError) as e:
         flag_lib.fail(e)
-    metrics = runner.evaluate(cfg, checkpoint_path=checkpoint)
+    console.log_to(cfg.model_dir)
+    console.say("evaluating %s on %s", checkpoint, ", ".join(cfg.eval_files))
+    metrics, analysis = runner.evaluate_with_analysis(cfg, checkpoint_path=checkpoint)
     metrics["checkpoint"] = checkpoint
-    print("evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
-                                     if not isinstance(v, str)))
-    runner.write_json(metrics, FLAGS.output_json or os.path.join(cfg.model_dir,
-                                                                 "eval_metrics.json"))
+    console.say("evaluation at step %d: %s", metrics["global_step"],
+                runner.format_metrics(metrics))
+    json_path = FLAGS.output_json or os.path.join(cfg.model_dir, "eval_metrics.json")
+    runner.write_json(metrics, json_path)
+    report = FLAGS.report or os.path.join(cfg.model_dir, "eval_report.md")
+    image = runner.write_report(cfg, metrics, analysis, report, checkpoint, cfg.eval_files)
+    console.say("wrote %s, %s and %s", json_path, report, image)
 
 
 if __name__ == "__main__":
-    flag_lib.setup_logging()
+    console.install("evaluate")
     app.run(main)

@@ -12,6 +12,7 @@ import sys
 
 from absl import app, flags
 
+from estimator_mnv2 import console
 from estimator_mnv2 import flags as flag_lib
 
 flags.DEFINE_string("model_dir", None, "Trained model_dir (holds config.json).")
@@ -52,6 +53,7 @@ def main(argv):
                                          f"{', '.join(export.TFLITE_KINDS)}")
     except ValueError as e:
         flag_lib.fail(e)
+    console.log_to(FLAGS.model_dir)
     estimator = runner.make_estimator(cfg, training=False)
     path = export.export_saved_model(estimator, cfg, export_dir, checkpoint)
     print(f"exported {checkpoint} to {path}")
@@ -92,5 +94,5 @@ def report_tflite(cfg, checkpoint, saved_model):
 
 
 if __name__ == "__main__":
-    flag_lib.setup_logging()
+    console.install("export")
     sys.exit(app.run(main))

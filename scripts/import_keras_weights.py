@@ -17,6 +17,8 @@ import sys
 
 from absl import app, flags
 
+from estimator_mnv2 import console
+
 flags.DEFINE_string("network", "mobilenet_v2", "mobilenet_v2 or keras/<Name> "
                     "(python scripts/train.py --list_networks).")
 flags.DEFINE_string("keras_weights", None, "Keras .h5 weights file of that network.")
@@ -67,4 +69,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    console.install("import_keras_weights")
     app.run(main)

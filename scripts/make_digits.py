@@ -10,6 +10,8 @@ import os
 
 from absl import app, flags
 
+from estimator_mnv2 import console
+
 flags.DEFINE_string("output_dir", "data/digits_images", "Folder for <digit>/<index>.png.")
 FLAGS = flags.FLAGS
 
@@ -39,4 +41,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    console.install("make_digits")
     app.run(main)

@@ -13,6 +13,7 @@ import sys
 
 from absl import app, flags
 
+from estimator_mnv2 import console
 from estimator_mnv2 import flags as flag_lib
 
 flags.DEFINE_string("saved_model", None, "SavedModel folder (one timestamped export).")
@@ -98,5 +99,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flag_lib.setup_logging()
+    console.install("predict")
     sys.exit(app.run(main))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with TensorFlow 2.15 (CPU), tensorflow-estimator and the project installed
-# in editable mode with its test and digits extras. Safe to run again: it only adds what is
-# missing. Needs Python 3.9-3.11 (TensorFlow 2.15 has no wheels for newer Pythons).
+# in editable mode with its test, digits and plots extras. Safe to run again: it installs again
+# only when pyproject.toml changed (delete .venv/.estimator_mnv2-installed to force it).
+# Needs Python 3.9-3.11 (TensorFlow 2.15 has no wheels for newer Pythons).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,5 +21,13 @@ if [ ! -x .venv/bin/python ]; then
   "$(pick_python)" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[cpu,test,digits]'
+# Installs again only when pyproject.toml changed since the last install (a stamp in .venv).
+extras='.[cpu,test,digits,plots]'
+stamp=".venv/.estimator_mnv2-installed"
+want="$extras $(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    -e "$extras"
+  echo "$want" > "$stamp"
+fi
 .venv/bin/python -c 'import estimator_mnv2, tensorflow as tf; print("estimator_mnv2 ready: TensorFlow", tf.__version__)'

@@ -9,8 +9,9 @@ Running the same command again resumes from model_dir's last checkpoint to the t
 TensorBoard: tensorboard --logdir <model_dir>
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from estimator_mnv2 import console
 from estimator_mnv2 import flags as flag_lib
 
 flag_lib.define_config_flags()
@@ -27,7 +28,7 @@ def main(argv):
 
         print(nets.describe())
         return 0
-    from estimator_mnv2 import guard, runner
+    from estimator_mnv2 import console, distribution, guard, runner
     from estimator_mnv2.config import ConfigError
 
     try:
@@ -35,19 +36,17 @@ def main(argv):
         warm_start = runner.prepare_model_dir(cfg)
     except (ConfigError, FileNotFoundError, guard.TrainingError) as e:
         flag_lib.fail(e)  # bad input, named; anything else is a bug: its traceback, exit 1
-    logging.info("training %s (width %s) on %d classes to step %d in %s", cfg.network,
-                 cfg.width, cfg.num_classes, cfg.max_steps, cfg.model_dir)
+    kind, index = distribution.task()
+    console.log_to(cfg.model_dir, f"{kind}-{index}" if distribution.tf_config().get("cluster")
+                   else None)
     try:
-        metrics = runner.fit(cfg, warm_start)
+        runner.fit(cfg, warm_start)
     except guard.TrainingError as e:
         flag_lib.fail(e, code=1)
     except guard.Interrupted as e:
         flag_lib.fail(e, code=128 + e.signum)
-    if metrics:
-        print("final evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-    print(f"TensorBoard: tensorboard --logdir {cfg.model_dir}")
 
 
 if __name__ == "__main__":
-    flag_lib.setup_logging()
+    console.install("train")
     app.run(main)

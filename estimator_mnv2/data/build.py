@@ -250,18 +250,24 @@ def _dataset_info(names, jobs, results, seed, input_dir):
     }
 
 
-def _report(info, output_dir, log):
-    width = max(len(n) for n in info["class_names"])
+def _report(info, output_dir, log, table_max=12):
+    """What was written: the images and shards of each split, the images per class (a table
+    for up to `table_max` classes, else the range; dataset_info.json has every class), and
+    every file skipped, with the reason."""
+    per_class = info["examples_per_class"]
     log(f"wrote {output_dir}: " + ", ".join(
         f"{info['num_examples'][s]} {s} images in {info['num_shards'][s]} shards"
-        for s in SPLITS))
-    log(f"  {'class':<{width}}  {'train':>7}  {'validation':>10}")
-    for name in info["class_names"]:
-        log(f"  {name:<{width}}  {info['examples_per_class']['train'][name]:>7}  "
-            f"{info['examples_per_class']['validation'][name]:>10}")
-    log(f"  skipped {len(info['skipped'])} files")
+        for s in SPLITS) + f"; skipped {len(info['skipped'])} files")
+    if len(info["class_names"]) <= table_max:
+        for s in SPLITS:
+            log(f"  {s} images per class: " + ", ".join(
+                f"{name} {count}" for name, count in per_class[s].items()))
+    else:
+        log(f"  {len(info['class_names'])} classes, per class " + ", ".join(
+            f"{min(per_class[s].values())}-{max(per_class[s].values())} {s} images"
+            for s in SPLITS) + f" (every class in {os.path.join(output_dir, INFO_FILE)})")
     for s in info["skipped"]:
-        log(f"    {s['file']}: {s['reason']}")
+        log(f"  skipped {s['file']}: {s['reason']}")
 
 
 def read_labels(data_dir):
@@ -294,3 +300,23 @@ def read_info(data_dir):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def split_size(files):
+    """The number of examples in the shards `files` (resolved paths) from the dataset_info.json
+    beside them, when they are all of one split of one build_tfrecords.py output folder with
+    every shard of that split present; else None."""
+    folders = {os.path.dirname(f) for f in files}
+    splits = {os.path.basename(f).split("-")[0] for f in files}
+    if len(folders) != 1 or len(splits) != 1:
+        return None
+    split = splits.pop()
+    try:
+        info = read_info(folders.pop()) or {}
+    except ValueError:  # damaged: the caller goes without
+        return None
+    if split not in info.get("num_examples", {}):
+        return None
+    if info.get("num_shards", {}).get(split) != len(files):
+        return None  # a part of the split: its size is not known
+    return int(info["num_examples"][split])
