@@ -35,6 +35,9 @@ _state = {"script": None, "started": time.time(), "buffer": None, "file": None,
 # in TF 2.15 ("Use tf.keras instead"), which this project knows (BUILD_NOTES: why Estimator).
 _NOISE = (
     re.compile(r"is deprecated and will be removed|Instructions for updating"),
+    # tf.data's note that the graph-level seed reaches its functions' random ops: that is how
+    # --seed makes the input order and augmentation reproducible, by design.
+    re.compile(r"Seed \d+ from outer graph might be getting used by function"),
 )
 
 

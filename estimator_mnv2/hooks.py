@@ -52,7 +52,10 @@ class ProgressHook(v1.train.SessionRunHook):
         done = step - self._last[0]
         # done is 0 when the global step did not move: float16's loss scaling skips a step
         # whose gradients overflowed (it used to divide by zero at the last step).
-        if done <= 0 or (done < self._every and step < self._max_steps):
+        # A line each time the step crosses a multiple of every_n_steps (the global step may
+        # move by more than one per run in asynchronous training), and at the last step.
+        if done <= 0 or (step // self._every == self._last[0] // self._every
+                         and step < self._max_steps):
             return
         wall_steps_per_sec = done / max(now - self._last[1], 1e-9)
         left = (self._max_steps - step) / wall_steps_per_sec

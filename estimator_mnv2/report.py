@@ -16,7 +16,7 @@ import numpy as np
 
 from estimator_mnv2 import console
 
-PLOTS_HINT = "pip install matplotlib (or the project's [plots] extra)"
+PLOTS_HINT = "pip install matplotlib (the project's [plots] extra) to label them"
 # Up to this many classes the matrix shows class names on both axes; up to ANNOTATE_MAX the
 # counts in its cells. Past NAMES_MAX it is a heat map of normalized rows beside a list of
 # the most confused pairs.
@@ -34,8 +34,7 @@ def matplotlib_figure():
         if not _warned:
             _warned.append(True)
             console.warn("matplotlib is not installed: the confusion matrix and misclassified "
-                         "images are drawn without class names and counts (%s for them)",
-                         PLOTS_HINT)
+                         "images are drawn without class names and counts; %s", PLOTS_HINT)
         return None
     return Figure
 
@@ -279,9 +278,11 @@ def _misclassified_figure(Figure, analysis):
     return _png(fig)
 
 
-def markdown_report(analysis, metrics, heading, details=(), image=None):
+def markdown_report(analysis, metrics, heading, details=(), images=None):
     """eval_report.md's text: the metrics, the per-class table naming every class, the most
-    confused pairs and (when given) the confusion-matrix PNG's file name."""
+    confused pairs, and the PNGs in `images` ({"confusion_matrix": file name,
+    "misclassified": file name}) with the misclassified images' table."""
+    images = images or {}
     names = (("accuracy", "top-1"), ("top_5_accuracy", "top-5"),
              ("mean_per_class_accuracy", "mean per-class accuracy"), ("loss", "loss"))
     out = [f"# {heading}", ""]
@@ -290,6 +291,11 @@ def markdown_report(analysis, metrics, heading, details=(), image=None):
     out += [f"| {label} | {float(metrics[key]):.4f} |" for key, label in names if key in metrics]
     out += ["", f"{analysis.headline()}.", "", "## Per class", "", analysis.per_class_markdown(),
             "", "## Most confused pairs", "", analysis.pairs_markdown(20)]
-    if image:
-        out += ["", "## Confusion matrix", "", f"![confusion matrix]({image})"]
+    if "confusion_matrix" in images:
+        out += ["", "## Confusion matrix", "", f"![confusion matrix]({images['confusion_matrix']})"]
+    if "misclassified" in images:
+        out += ["", "## Most confidently misclassified", "",
+                f"![misclassified images]({images['misclassified']})", "",
+                "Left to right, top to bottom:", "",
+                analysis.misclassified_markdown()]
     return "\n".join(out) + "\n"

@@ -488,24 +488,33 @@ def evaluate_with_analysis(cfg: Config, checkpoint_path=None, eval_files=None):
 
 
 def write_report(cfg: Config, metrics, analysis, path, checkpoint, eval_files):
-    """eval_report.md at `path` and the confusion matrix as a PNG beside it
-    (<name>_confusion_matrix.png); returns the PNG's path."""
+    """eval_report.md at `path`, with the confusion matrix and the most confidently
+    misclassified images as PNGs beside it (<name>_confusion_matrix.png,
+    <name>_misclassified.png); returns the paths written."""
     from estimator_mnv2 import report
 
-    image = os.path.splitext(path)[0] + "_confusion_matrix.png"
-    with open(image + ".tmp", "wb") as f:
-        f.write(analysis.confusion_png())
-    os.replace(image + ".tmp", image)
+    stem = os.path.splitext(path)[0]
+    images = {"confusion_matrix": analysis.confusion_png(),
+              "misclassified": analysis.misclassified_png()}
+    written = {}
+    for name, png in images.items():
+        if png is not None:
+            written[name] = f"{stem}_{name}.png"
+            _write_bytes(written[name], png)
     details = [f"checkpoint: `{checkpoint}` (step {_checkpoint_step(checkpoint):,})",
                f"images: `{', '.join(eval_files)}`",
-               f"network: `{cfg.network}` (width {cfg.width:g}), {cfg.image_size} px, "
+               f"network: `{cfg.network}` (width {cfg.width}), {cfg.image_size} px, "
                f"{cfg.num_classes} classes"]
     text = report.markdown_report(analysis, metrics, f"Evaluation of {cfg.model_dir}", details,
-                                  os.path.basename(image))
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
+                                  {k: os.path.basename(v) for k, v in written.items()})
+    _write_bytes(path, text.encode("utf-8"))
+    return [path, *written.values()]
+
+
+def _write_bytes(path, data):
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
     os.replace(path + ".tmp", path)
-    return image
 
 
 def printable_metrics(result):

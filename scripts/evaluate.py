@@ -6,8 +6,9 @@ and a report.
       --checkpoint runs/digits/model.ckpt-400 --output_json metrics.json
 
 Writes model_dir/eval_metrics.json, model_dir/eval_report.md (the metrics, a table of every
-class, the most confused pairs) with the confusion matrix beside it
-(eval_report_confusion_matrix.png), and the same analysis to TensorBoard (model_dir/eval).
+class, the most confused pairs) with the confusion matrix and the most confidently
+misclassified images beside it (eval_report_confusion_matrix.png,
+eval_report_misclassified.png), and the same analysis to TensorBoard (model_dir/eval).
 The network flags come from model_dir/config.json; flags given here override data settings.
 """
 
@@ -62,8 +63,8 @@ def main(argv):
     json_path = FLAGS.output_json or os.path.join(cfg.model_dir, "eval_metrics.json")
     runner.write_json(metrics, json_path)
     report = FLAGS.report or os.path.join(cfg.model_dir, "eval_report.md")
-    image = runner.write_report(cfg, metrics, analysis, report, checkpoint, cfg.eval_files)
-    console.say("wrote %s, %s and %s", json_path, report, image)
+    written = runner.write_report(cfg, metrics, analysis, report, checkpoint, cfg.eval_files)
+    console.say("wrote %s", ", ".join([json_path, *written]))
 
 
 if __name__ == "__main__":

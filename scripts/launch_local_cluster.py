@@ -93,11 +93,12 @@ class Task:
         self.poll()
 
 
-def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5):
-    """Runs the cluster; returns 0 if the chief, workers and evaluator all succeeded."""
+def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strategy=None):
+    """Runs the cluster; returns 0 if the chief, workers and evaluator all succeeded.
+    `strategy`: what the first line says about --distribution_strategy."""
     cluster = cluster_spec(workers, ps)
     lock = threading.Lock()
-    print(f"cluster: {json.dumps(cluster)}", flush=True)
+    print(f"cluster: {json.dumps(cluster)}" + (f"; {strategy}" if strategy else ""), flush=True)
     servers = [Task("ps", i, cluster, train_args, lock) for i in range(ps)]
     trainers = [Task("chief", 0, cluster, train_args, lock)]
     trainers += [Task("worker", i, cluster, train_args, lock) for i in range(workers)]
@@ -152,8 +153,14 @@ def main(argv):
     # The cluster's shape says which strategy is meant; it goes first, so that a
     # --distribution_strategy among train.py's flags (or in a --flagfile) still wins.
     default = "parameter_server" if FLAGS.ps else "multi_worker_mirrored"
+    given = [a for a in train_args if a.startswith(("--distribution_strategy", "--flagfile"))]
+    strategy = (f"strategy {default} (implied by --ps={FLAGS.ps})" if FLAGS.ps
+                else f"strategy {default} (no ps tasks)")
+    if given:
+        strategy = f"strategy as train.py's flags set it ({' '.join(given)}; default {default})"
     train_args = [f"--distribution_strategy={default}", *train_args]
-    sys.exit(run(train_args, FLAGS.workers, FLAGS.ps, FLAGS.evaluator, FLAGS.timeout))
+    sys.exit(run(train_args, FLAGS.workers, FLAGS.ps, FLAGS.evaluator, FLAGS.timeout,
+                 strategy=strategy))
 
 
 if __name__ == "__main__":

@@ -68,11 +68,23 @@ def test_cluster_on_loopback(strategy, ps, data_dir, tmp_path):
         assert re.search(r"^ps:0 +stopped", out, re.M), out[-2000:]
     for task in ("chief", "worker:0", "evaluator"):
         assert re.search(rf"^{task} +0 ", out, re.M), out[-2000:]
+    first = out.splitlines()[0]
+    assert first.startswith("cluster: {") and (
+        "strategy parameter_server (implied by --ps=1)" in first if ps
+        else f"as train.py's flags set it (--distribution_strategy={strategy}" in first), first
+    # One console line per evaluation, from the task that evaluates.
+    assert re.search(r"^\[evaluator\] evaluation at step \d+: top-1", out, re.M), out[-2000:]
     # The worker trained (Estimator starts parameter-server workers 5 s after the chief, so on
-    # 2 cores it may only get a few of the steps); the model_dir has the chief's files only.
-    assert re.search(r"^\[worker:0\] .*Loss for final step", out, re.M)
+    # 2 cores it may only get a few of the steps): its full log, a file of its own, says so.
+    logs = {re.sub(r"^train-\d{8}-\d{6}-?", "", f): os.path.join(model_dir, "logs", f)
+            for f in os.listdir(os.path.join(model_dir, "logs"))}
+    assert sorted(logs) == sorted([".log", "worker-0.log", "evaluator-0.log"]
+                                  + (["ps-0.log"] if ps else [])), logs
+    with open(logs["worker-0.log"]) as f:
+        assert "Loss for final step" in f.read()
+    # The model_dir has the chief's files only, and the tasks' logs.
     assert sorted(os.listdir(model_dir)) == sorted(
-        ["checkpoint", "config.json", "eval"]
+        ["checkpoint", "config.json", "eval", "logs"]
         + [f for f in os.listdir(model_dir) if f.startswith(("model.ckpt-", "events."))])
     final = tf.train.latest_checkpoint(model_dir)
     step = int(final.rsplit("-", 1)[1])
