@@ -78,7 +78,7 @@ def test_cluster_on_loopback(strategy, ps, data_dir, tmp_path):
     # 2 cores it may only get a few of the steps): its full log, a file of its own, says so.
     logs = {re.sub(r"^train-\d{8}-\d{6}-?", "", f): os.path.join(model_dir, "logs", f)
             for f in os.listdir(os.path.join(model_dir, "logs"))}
-    assert sorted(logs) == sorted([".log", "worker-0.log", "evaluator-0.log"]
+    assert sorted(logs) == sorted(["chief-0.log", "worker-0.log", "evaluator-0.log"]
                                   + (["ps-0.log"] if ps else [])), logs
     with open(logs["worker-0.log"]) as f:
         assert "Loss for final step" in f.read()

@@ -1,5 +1,6 @@
 """Interrupted runs, corrupt data, bad input and concurrent runs: work is kept, errors named."""
 
+import glob
 import json
 import logging
 import os
@@ -76,8 +77,12 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(data_dir, tmp_p
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert tf.train.latest_checkpoint(model_dir).endswith(f"model.ckpt-{steps}")
-    assert f"Restoring parameters from {os.path.join(model_dir, 'model.ckpt')}-{stopped_at}" \
-        in err  # it resumed from there
+    assert f"resuming from step {stopped_at:,}" in err  # the start summary says so ...
+    logs = sorted(glob.glob(os.path.join(model_dir, "logs", "train-*.log")))
+    assert len(logs) == 2, logs  # ... and the second run's full log that it resumed from there
+    with open(logs[-1]) as f:
+        assert f"Restoring parameters from {os.path.join(model_dir, 'model.ckpt')}-" \
+            f"{stopped_at}" in f.read()
 
 
 def test_sigkill_at_any_moment_loses_no_checkpoint(data_dir, tmp_path):
