@@ -123,24 +123,102 @@ def matmul_gflops(n=2048, repeats=10):
     return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def write_jpeg_records(folder, count, size, num_classes):
-    """Random-content JPEG class folders built into TFRecords with our builder."""
-    rng = np.random.RandomState(0)
+def write_photo_records(folder, count=300, seed=0):
+    """Photo-sized JPEG shards, built by our builder from class folders of crops of
+    scikit-learn's two bundled sample photos (427 x 640), each crop 60-100% of a side and
+    rescaled to 400-800 px wide, JPEG quality 90 (4:2:0). Returns (the train pattern,
+    {"images", "mean_bytes", "min_width", "max_width"})."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.RandomState(seed)
     images = os.path.join(folder, "images")
+    sizes, widths = [], []
     for i in range(count):
-        d = os.path.join(images, f"c{i % num_classes}")
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        ch, cw = rng.randint(int(0.6 * h), h + 1), rng.randint(int(0.6 * w), w + 1)
+        y, x = rng.randint(0, h - ch + 1), rng.randint(0, w - cw + 1)
+        width = rng.randint(400, 801)
+        height = max(1, round(ch * width / cw))
+        pixels = tf.image.resize(photo[y:y + ch, x:x + cw], [height, width], antialias=True)
+        encoded = tf.io.encode_jpeg(tf.cast(tf.round(tf.clip_by_value(pixels, 0, 255)),
+                                            tf.uint8), quality=90).numpy()
+        d = os.path.join(images, f"photo{i % len(photos)}")
         os.makedirs(d, exist_ok=True)
-        pixels = rng.randint(0, 256, (size, size, 3)).astype(np.uint8)
-        with open(os.path.join(d, f"{i}.jpg"), "wb") as f:
-            f.write(tf.io.encode_jpeg(pixels, quality=90).numpy())
+        with open(os.path.join(d, f"{i:04d}.jpg"), "wb") as f:
+            f.write(encoded)
+        sizes.append(len(encoded))
+        widths.append(width)
     out = os.path.join(folder, "records")
-    build_lib.build(images, out, validation_fraction=0.0, num_shards=(4, 1),
+    build_lib.build(images, out, validation_fraction=0.1, num_shards=(8, 1), seed=seed,
                     log=lambda *_: None)
-    return os.path.join(out, "train-*")
+    return os.path.join(out, "train-*"), {"images": count, "mean_bytes": float(np.mean(sizes)),
+                                          "min_width": min(widths), "max_width": max(widths)}
+
+
+def read_encoded(pattern, fmt=None):
+    """The encoded images of the records matching `pattern`, in memory."""
+    from estimator_mnv2.data import schema
+
+    fmt = fmt or schema.RecordFormat()
+    out = []
+    for path in input_lib.resolve_files(pattern):
+        for record in tf.data.TFRecordDataset(path):
+            out.append(schema.parse_example(record, fmt)[0].numpy())
+    return out
+
+
+def eval_window(encoded, image_size, central_fraction):
+    """The evaluation transform decoding only the central window of a JPEG (measured against
+    the full decode; not what evaluation runs, see BUILD_NOTES)."""
+    from estimator_mnv2.data import preprocessing
+
+    shape = tf.image.extract_jpeg_shape(encoded)
+    h, w = shape[0], shape[1]
+    crop_h = tf.maximum(tf.cast(tf.cast(h, tf.float32) * central_fraction, tf.int32), 1)
+    crop_w = tf.maximum(tf.cast(tf.cast(w, tf.float32) * central_fraction, tf.int32), 1)
+    window = tf.stack([(h - crop_h) // 2, (w - crop_w) // 2, crop_h, crop_w])
+    image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+    return preprocessing.preprocess_for_eval(image, image_size, 1.0)
+
+
+def per_core_transforms(image_size, central_fraction=0.875):
+    """{name: function(encoded) -> image} of the per-core input benchmark."""
+    from estimator_mnv2.data import preprocessing as p
+
+    return {
+        "train: decode the crop window (ours)": lambda e: p.preprocess_encoded_for_train(
+            e, image_size),
+        "train: full decode, then crop (before)": lambda e: p.preprocess_for_train(
+            p.decode_image(e), image_size),
+        "eval: full decode, central crop (ours)": lambda e: p.preprocess_for_eval(
+            p.decode_image(e), image_size, central_fraction),
+        "eval: decode the central window": lambda e: eval_window(e, image_size,
+                                                                  central_fraction),
+    }
+
+
+def transform_rate(encoded, fn, images=600, batch=32):
+    """Images/s of `fn` over in-memory encoded images on one core: one tf.data thread, no
+    intra-op parallelism, no autotuning (first batch untimed)."""
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    options.autotune.enabled = False
+    ds = (tf.data.Dataset.from_tensor_slices(encoded).repeat().map(fn).batch(batch)
+          .with_options(options))
+    batches = iter(ds)
+    next(batches)
+    start = time.perf_counter()
+    for _ in range(images // batch):
+        next(batches)
+    return (images // batch) * batch / (time.perf_counter() - start)
 
 
 def input_rate(cfg: Config, pattern, batches=60, warmup=5):
-    """Images/s the training input_fn delivers (parse, decode, crop, flip, batch)."""
+    """Images/s the training input_fn delivers (parse, decode, crop, flip, batch), all
+    cores."""
     ds = input_lib.make_input_fn(pattern, True, cfg)()
     times = []
     for i, _ in enumerate(ds):

@@ -231,7 +231,7 @@ def fit(cfg: Config, warm_start_from=None):
         if ("Could not parse example input" in e.message
                 or "is required but could not be found" in e.message):
             raise guard.TrainingError(_not_examples(cfg)) from None
-        if "DecodeImage" in e.message or "decode_image" in e.message:
+        if any(op in e.message for op in _DECODE_OPS):
             raise guard.TrainingError(_undecodable(cfg, e)) from None
         if "in shard" not in e.message and "Shard, label" not in e.message:
             raise
@@ -348,6 +348,9 @@ def say_done(cfg: Config, result, best, seconds):
     console.say("TensorBoard: %s", console.tensorboard_command(cfg.model_dir))
 
 
+# The ops that decode a record's image (preprocessing.decode_image, decode_random_crop): an
+# InvalidArgumentError from one of them is an image that does not decode.
+_DECODE_OPS = ("DecodeImage", "decode_image", "DecodeAndCropJpeg", "ExtractJpegShape")
 BEST_DIR = "best"  # model_dir/best: the checkpoint of the best evaluation so far
 
 

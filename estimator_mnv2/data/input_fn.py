@@ -167,13 +167,14 @@ def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), aut
     def parse(index, record):
         serialized, filename = record
         encoded, label = schema.parse_example(serialized, fmt)
-        image = preprocessing.decode_image(_check_image(encoded, filename))
-        if training:
-            image = preprocessing.preprocess_for_train(
-                image, config.image_size, area_range=(config.crop_area_min, 1.0),
+        encoded = _check_image(encoded, filename)
+        if training:  # a JPEG decodes only its crop window
+            image = preprocessing.preprocess_encoded_for_train(
+                encoded, config.image_size, area_range=(config.crop_area_min, 1.0),
                 flip=config.flip)
         else:
-            image = preprocessing.preprocess_for_eval(image, config.image_size,
+            image = preprocessing.preprocess_for_eval(preprocessing.decode_image(encoded),
+                                                      config.image_size,
                                                       config.eval_crop_fraction)
         return index, image, label, filename
 

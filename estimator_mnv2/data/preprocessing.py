@@ -25,9 +25,67 @@ def _resize(image, image_size):
     return tf.image.resize(image, [image_size, image_size], method="bilinear")
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def is_jpeg(encoded):
+    return tf.equal(tf.strings.substr(encoded, 0, 3), JPEG_MAGIC)
+
+
+def sample_crop(shape, area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3)):
+    """Inception-style random crop box of an image of `shape` ([H, W, C]): (begin, size), each
+    [3] int32 ([y, x, 0] and [h, w, -1])."""
+    begin, size, _ = tf.image.sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        min_object_covered=0.1, aspect_ratio_range=aspect_ratio_range, area_range=area_range,
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return begin, size
+
+
+def decode_random_crop(encoded, area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3)):
+    """Encoded image -> uint8 [h, w, 3], a random crop (sample_crop) of it. A JPEG decodes only
+    the crop window: its size comes from the header (extract_jpeg_shape) and libjpeg skips the
+    rest (tf.image.decode_and_crop_jpeg), as TensorFlow's official ImageNet pipelines do. The
+    same box gives the full decode's pixels, except the crop's outermost rows and columns of a
+    chroma-subsampled (4:2:0) JPEG, where libjpeg's chroma upsampling lacks the neighbours
+    outside the window (tests/test_data.py). PNG, GIF and BMP decode whole, then crop."""
+    def jpeg():
+        begin, size = sample_crop(tf.image.extract_jpeg_shape(encoded), area_range,
+                                  aspect_ratio_range)
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+
+    def other():
+        image = decode_image(encoded)
+        begin, size = sample_crop(tf.shape(image), area_range, aspect_ratio_range)
+        return tf.slice(image, begin, size)
+
+    image = tf.cond(is_jpeg(encoded), jpeg, other)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def finish_for_train(crop, image_size, flip=True):
+    """A training crop -> float32 [image_size, image_size, 3] in [-1, 1], optionally flipped."""
+    image = _resize(crop, image_size)
+    if flip:
+        image = tf.image.random_flip_left_right(image)
+    image.set_shape([image_size, image_size, 3])
+    return to_unit_range(image)
+
+
+def preprocess_encoded_for_train(encoded, image_size, area_range=(0.08, 1.0),
+                                 aspect_ratio_range=(3 / 4, 4 / 3), flip=True):
+    """The training transform from encoded bytes (what the input_fn runs): decode_random_crop,
+    then finish_for_train."""
+    return finish_for_train(decode_random_crop(encoded, area_range, aspect_ratio_range),
+                            image_size, flip)
+
+
 def preprocess_for_train(image, image_size, area_range=(0.08, 1.0),
                          aspect_ratio_range=(3 / 4, 4 / 3), flip=True):
-    """Inception-style random resized crop, optional horizontal flip, scaled to [-1, 1].
+    """Inception-style random resized crop of a decoded image, optional horizontal flip,
+    scaled to [-1, 1] (the input_fn decodes and crops in one: preprocess_encoded_for_train).
 
     Args:
       image: uint8 [H, W, 3].
@@ -39,15 +97,8 @@ def preprocess_for_train(image, image_size, area_range=(0.08, 1.0),
     Returns:
       float32 [image_size, image_size, 3] in [-1, 1].
     """
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        min_object_covered=0.1, aspect_ratio_range=aspect_ratio_range, area_range=area_range,
-        max_attempts=10, use_image_if_no_bounding_boxes=True)
-    image = _resize(tf.slice(image, begin, size), image_size)
-    if flip:
-        image = tf.image.random_flip_left_right(image)
-    image.set_shape([image_size, image_size, 3])
-    return to_unit_range(image)
+    begin, size = sample_crop(tf.shape(image), area_range, aspect_ratio_range)
+    return finish_for_train(tf.slice(image, begin, size), image_size, flip)
 
 
 def preprocess_for_eval(image, image_size, central_fraction=0.875):
