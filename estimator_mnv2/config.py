@@ -66,6 +66,7 @@ class Config:
     skip_corrupt_records: bool = False
     label_scan_records: int = 5000  # labels checked against num_classes before training
     class_names: Tuple[str, ...] = ()
+    data_service_address: str = ""  # grpc://HOST:PORT: training input runs on a tf.data service
 
     # Optimization.
     optimizer: str = "rmsprop"
@@ -224,6 +225,13 @@ class Config:
              f"needs --mode=train_and_evaluate (evaluations to watch), not {self.mode}")
         need(self.grappler in GRAPPLER_MODES, "grappler",
              f"unknown setting {self.grappler!r}; known: {', '.join(GRAPPLER_MODES)}")
+        if self.data_service_address:
+            need(re.fullmatch(r"grpc://[^:/\s]+:\d+", self.data_service_address) is not None,
+                 "data_service_address", f"{self.data_service_address!r} is not "
+                 f"grpc://HOST:PORT (the dispatcher of scripts/data_service.py)")
+            need(not self.cache, "cache", "does not go with --data_service_address: a worker's "
+                 "cache would replay its first epoch's share instead of the splits the "
+                 "dispatcher hands out")
         need(bool(self.model_dir), "model_dir", "is required")
         need(not os.path.isfile(self.model_dir), "model_dir",
              f"{self.model_dir} is a file, not a folder")

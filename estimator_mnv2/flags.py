@@ -51,6 +51,11 @@ _HELP = {
                           "--num_classes before anything is written (0: off; the rest are "
                           "checked while training).",
     "class_names": "Class names (default: labels.txt in --data_dir).",
+    "data_service_address": "grpc://HOST:PORT of a tf.data service dispatcher "
+                            "(scripts/data_service.py): training reads and preprocesses its "
+                            "records on the service's workers, each epoch split among them "
+                            "(every record once); evaluation stays local. Every task of a "
+                            "cluster reads from one shared job.",
     "optimizer": "rmsprop (the paper), momentum, sgd or adam.",
     "learning_rate": "Base learning rate.",
     "lr_schedule": "constant, exponential (per epoch, the paper's 0.98), cosine or piecewise.",

@@ -94,6 +94,14 @@ def prepare_model_dir(cfg: Config):
                 input_lib.resolve_files(getattr(cfg, field))
             except FileNotFoundError as e:
                 raise config_lib.ConfigError(field, str(e)) from None
+    if cfg.data_service_address and cfg.mode != "evaluate":
+        try:
+            input_lib.check_data_service(cfg.data_service_address)
+        except ConnectionError as e:
+            raise config_lib.ConfigError("data_service_address", str(e)) from None
+        if cfg.skip_corrupt_records:
+            logging.warning("--skip_corrupt_records with --data_service_address: records are "
+                            "skipped on the service's workers and not counted")
     check_labels(cfg)
     if cfg.resolve_network().kind == "module":  # ours and the Keras adapter are tested
         for warning in check_network(cfg):

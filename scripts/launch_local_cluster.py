@@ -29,9 +29,13 @@ flags.DEFINE_integer("workers", 1, "Worker tasks besides the chief.")
 flags.DEFINE_integer("ps", 1, "Parameter-server tasks (0 for multi_worker_mirrored).")
 flags.DEFINE_bool("evaluator", True, "Run an evaluator task (evaluates each checkpoint).")
 flags.DEFINE_integer("timeout", 0, "Stop everything and fail after this many seconds (0: none).")
+flags.DEFINE_integer("data_workers", 0, "Also start a tf.data service dispatcher and this many "
+                     "workers (scripts/data_service.py) on loopback; every training task reads "
+                     "its training input from them (--data_service_address).")
 FLAGS = flags.FLAGS
 
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+DATA_SERVICE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_service.py")
 
 
 def free_ports(n):
@@ -53,14 +57,20 @@ def cluster_spec(workers, ps):
 
 
 class Task:
+    """A train.py process with its TF_CONFIG, or (cluster None) a data_service.py process."""
+
     def __init__(self, kind, index, cluster, train_args, print_lock):
-        self.name = kind if kind in ("chief", "evaluator") else f"{kind}:{index}"
+        self.name = (kind if kind in ("chief", "evaluator", "dispatcher")
+                     else f"{kind}:{index}")
         self.kind = kind
-        env = dict(os.environ, TF_CONFIG=json.dumps(
-            {"cluster": cluster, "task": {"type": kind, "index": index}}))
+        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+        if cluster is not None:
+            env["TF_CONFIG"] = json.dumps({"cluster": cluster,
+                                           "task": {"type": kind, "index": index}})
+        script = TRAIN if cluster is not None else DATA_SERVICE
         self.started = time.time()
         self.ended = None
-        self.proc = subprocess.Popen([sys.executable, TRAIN, *train_args], env=env,
+        self.proc = subprocess.Popen([sys.executable, script, *train_args], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, text=True, bufsize=1,
                                      start_new_session=True)
@@ -93,18 +103,55 @@ class Task:
         self.poll()
 
 
-def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strategy=None):
+def wait_for_port(port, proc, seconds=60.0):
+    """True once something accepts connections on 127.0.0.1:port; False if `proc` ended or
+    `seconds` passed first."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def start_data_service(data_workers, lock):
+    """A dispatcher and `data_workers` workers on free loopback ports: (tasks, address)."""
+    port, *worker_ports = free_ports(1 + data_workers)
+    dispatcher = Task("dispatcher", 0, None, ["--dispatcher", f"--port={port}"], lock)
+    if not wait_for_port(port, dispatcher.proc):
+        dispatcher.stop()
+        raise RuntimeError(f"the tf.data service dispatcher did not start on port {port}")
+    workers = [Task("data_worker", i, None, ["--worker", f"--dispatcher_address=127.0.0.1:"
+                                              f"{port}", f"--port={p}",
+                                              "--worker_host=127.0.0.1"], lock)
+               for i, p in enumerate(worker_ports)]
+    return [dispatcher, *workers], f"grpc://127.0.0.1:{port}"
+
+
+def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strategy=None,
+        data_workers=0):
     """Runs the cluster; returns 0 if the chief, workers and evaluator all succeeded.
-    `strategy`: what the first line says about --distribution_strategy."""
+    `strategy`: what the first line says about --distribution_strategy. With `data_workers`,
+    a tf.data service serves every training task's input; a data worker that dies is
+    reported and training goes on with the others (the dispatcher hands its work on)."""
     cluster = cluster_spec(workers, ps)
     lock = threading.Lock()
-    print(f"cluster: {json.dumps(cluster)}" + (f"; {strategy}" if strategy else ""), flush=True)
+    print(f"cluster: {json.dumps(cluster)}" + (f"; {strategy}" if strategy else "")
+          + (f"; a tf.data service with {data_workers} workers" if data_workers else ""),
+          flush=True)
+    data = []
+    if data_workers:
+        data, address = start_data_service(data_workers, lock)
+        train_args = [f"--data_service_address={address}", *train_args]
     servers = [Task("ps", i, cluster, train_args, lock) for i in range(ps)]
     trainers = [Task("chief", 0, cluster, train_args, lock)]
     trainers += [Task("worker", i, cluster, train_args, lock) for i in range(workers)]
     if evaluator:
         trainers.append(Task("evaluator", 0, cluster, train_args, lock))
-    tasks = servers + trainers
+    tasks = data + servers + trainers
+    lost = set()  # data workers that died: reported once
     failed = None
     interrupted = []
     previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum))
@@ -122,20 +169,26 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
                 rc = t.poll()
                 if rc not in (None, 0):
                     failed = f"{t.name} exited with code {rc}"
-            for t in servers:
+            for t in servers + data[:1]:
                 if t.poll() is not None:
                     failed = f"{t.name} exited on its own with code {t.proc.returncode}"
+            for t in data[1:]:
+                if t.poll() is not None and t not in lost:
+                    lost.add(t)
+                    print(f"[launcher] {t.name} exited with code {t.proc.returncode}; training "
+                          f"goes on with the other data workers", flush=True)
             if failed is None and all(t.poll() == 0 for t in trainers):
                 break
             time.sleep(poll_seconds)
     finally:
-        for t in reversed(tasks):  # the trainers first, then the ps tasks they depend on
+        for t in reversed(tasks):  # the trainers, then the ps tasks and data service they use
             t.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
     print("task          exit  seconds", flush=True)
     for t in tasks:
-        how = "stopped" if t in servers and failed is None else str(t.proc.returncode)
+        how = ("stopped" if (t in servers or t in data) and t not in lost and failed is None
+               else str(t.proc.returncode))
         print(f"{t.name:<13} {how:>4}  {(t.ended or time.time()) - t.started:7.1f}")
     if failed:
         print(f"cluster failed: {failed}", file=sys.stderr, flush=True)
@@ -160,7 +213,7 @@ def main(argv):
         strategy = f"strategy as train.py's flags set it ({' '.join(given)}; default {default})"
     train_args = [f"--distribution_strategy={default}", *train_args]
     sys.exit(run(train_args, FLAGS.workers, FLAGS.ps, FLAGS.evaluator, FLAGS.timeout,
-                 strategy=strategy))
+                 strategy=strategy, data_workers=FLAGS.data_workers))
 
 
 if __name__ == "__main__":

@@ -56,8 +56,11 @@ def test_cluster_on_loopback(strategy, ps, data_dir, tmp_path):
     # The parameter-server run leaves --distribution_strategy to the launcher's default for
     # a cluster with ps tasks.
     strategy_flag = [] if ps else [f"--distribution_strategy={strategy}"]
+    # The synchronous run reads its training input from a tf.data service of two workers.
+    data_workers = 0 if ps else 2
     r = run_script("launch_local_cluster.py", "--workers=1", f"--ps={ps}", "--timeout=280",
-                   "--", *strategy_flag, f"--model_dir={model_dir}",
+                   f"--data_workers={data_workers}", "--", *strategy_flag,
+                   f"--model_dir={model_dir}",
                    f"--data_dir={data_dir}", "--batch_size=8", "--learning_rate=0.01",
                    f"--train_steps={steps}", f"--eval_every_steps={steps // 2}",
                    "--eval_steps=1", *COMMON)
@@ -72,6 +75,12 @@ def test_cluster_on_loopback(strategy, ps, data_dir, tmp_path):
     assert first.startswith("cluster: {") and (
         "strategy parameter_server (implied by --ps=1)" in first if ps
         else f"as train.py's flags set it (--distribution_strategy={strategy}" in first), first
+    if data_workers:
+        assert first.endswith("; a tf.data service with 2 workers"), first
+        for task in ("dispatcher", "data_worker:0", "data_worker:1"):
+            assert re.search(rf"^{task} +stopped ", out, re.M), out[-2000:]
+        with open(os.path.join(model_dir, "config.json")) as f:
+            assert json.load(f)["data_service_address"].startswith("grpc://127.0.0.1:")
     # One console line per evaluation, from the task that evaluates.
     assert re.search(r"^\[evaluator\] evaluation at step \d+: top-1", out, re.M), out[-2000:]
     # The worker trained (Estimator starts parameter-server workers 5 s after the chief, so on

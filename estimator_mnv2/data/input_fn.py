@@ -1,6 +1,8 @@
 """TFRecords -> batches of ({'image': float32 [N, H, W, 3]}, int64 labels [N]) for the Estimator."""
 
+import hashlib
 import re
+import socket
 import time
 
 import tensorflow as tf
@@ -137,6 +139,26 @@ def find_corrupt_files(files):
     return corrupt
 
 
+def data_service_job(config, files):
+    """The tf.data service job name of a training run: the same for every task of a cluster
+    (same --model_dir and files), so that they share one job and split its data."""
+    key = "|".join([config.model_dir, *files])
+    return "estimator_mnv2-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def check_data_service(address, timeout=5.0):
+    """Raises ConnectionError naming `address` (grpc://HOST:PORT) when nothing accepts a
+    connection there within `timeout` seconds: the service's client would wait for it
+    forever."""
+    host, port = address[len("grpc://"):].rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"no tf.data service dispatcher answers at {address} ({e}); "
+                              f"start one with scripts/data_service.py --dispatcher "
+                              f"--port {port}") from None
+
+
 def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), autotune=True):
     """Returns `input_fn(params=None, input_context=None)` reading `patterns`.
 
@@ -153,11 +175,15 @@ def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), aut
         autotuned iterator took 4-5 s instead of 0.1 s at 1 to 4 of 15 evaluations.
     Batch size: `config.batch_size` is the global batch; under a tf.distribute strategy each
     replica's pipeline yields batch_size / replicas.
+    With `config.data_service_address`, a training pipeline runs on that tf.data service
+    (dynamic sharding, one job per run shared by its tasks; no record numbers, so skipped
+    records are not counted); evaluation is always local.
     Errors: an image that is not JPEG/PNG/GIF/BMP and a label out of range stop the pipeline
     with the shard named; with `config.skip_corrupt_records` unreadable records and images are
     skipped with a warning instead (a label out of range is always an error).
     """
     files = resolve_files(patterns)
+    service = config.data_service_address if training else ""
     fmt = schema.RecordFormat(config.image_key, config.label_key, config.label_offset)
     global_batch = config.batch_size if training else config.eval_batch_size
     # Parallel reads and maps may reorder records while training, unless a seed asks for a
@@ -180,7 +206,7 @@ def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), aut
 
     def check_label(index, image, label, filename):
         features = {"image": image}
-        if config.skip_corrupt_records:
+        if config.skip_corrupt_records and not service:
             features[RECORD_INDEX] = index  # gaps in these numbers are the skipped records
         return features, _check_label(label, config.num_classes, filename)
 
@@ -197,7 +223,7 @@ def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), aut
             batch = input_context.get_per_replica_batch_size(global_batch)
             num_shards = input_context.num_input_pipelines
             shard_id = input_context.input_pipeline_id
-        if num_shards > 1:
+        if num_shards > 1 and not service:  # the service's job splits the data among tasks
             if len(files) >= num_shards:
                 ds = ds.shard(num_shards, shard_id)
             else:  # fewer files than workers: split the records instead
@@ -215,12 +241,25 @@ def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), aut
             ds = ds.cache()  # the serialized records: small data sets stop touching the disk
         if training:
             ds = ds.shuffle(config.shuffle_buffer, seed=config.seed).repeat(num_epochs)
-        ds = ds.enumerate().map(parse, num_parallel_calls=AUTOTUNE,
-                                deterministic=ordered)
+        if service:  # no record numbers: a zip with a range is not splittable by the service
+            ds = ds.map(lambda record, filename: (tf.constant(-1, tf.int64),
+                                                  (record, filename)))
+        else:
+            ds = ds.enumerate()
+        ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=ordered)
         if config.skip_corrupt_records:
             ds = ds.ignore_errors(log_warning=True)
         ds = ds.map(check_label, num_parallel_calls=AUTOTUNE, deterministic=ordered)
-        ds = ds.batch(batch, drop_remainder=training).prefetch(AUTOTUNE)
+        ds = ds.batch(batch, drop_remainder=training)
+        if service:
+            # Everything above runs on the service's workers; the dispatcher hands out the
+            # files (and each epoch's repeat of them) one at a time (dynamic sharding), so an
+            # epoch visits every record once across the workers, and every task of a cluster,
+            # sharing the job by name, gets a different part of it.
+            ds = ds.apply(tf.data.experimental.service.distribute(
+                processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+                service=service, job_name=data_service_job(config, files)))
+        ds = ds.prefetch(AUTOTUNE)
         if not autotune:
             options = tf.data.Options()
             options.autotune.enabled = False  # AUTOTUNE values then become fixed defaults
