@@ -228,6 +228,23 @@ def input_rate(cfg: Config, pattern, batches=60, warmup=5):
     return steady_rate(times, cfg.batch_size, warmup)
 
 
+def data_service_input_rates(cfg: Config, pattern, workers, rounds):
+    """input_rate through a tf.data service (dispatcher and `workers` workers in this
+    process, on loopback), once per round."""
+    service = tf.data.experimental.service
+    dispatcher = service.DispatchServer()
+    address = dispatcher.target.split("://")[1]
+    servers = [service.WorkerServer(service.WorkerConfig(dispatcher_address=address))
+               for _ in range(workers)]
+    rates = []
+    for r in range(rounds):
+        served = Config(**{**cfg.to_params(), "data_service_address": dispatcher.target,
+                           "model_dir": f"benchmark-{r}"})  # a job of its own each round
+        rates.append(input_rate(served, pattern, batches=20, warmup=3))
+    del servers
+    return rates
+
+
 def latency_and_throughput(fn, single, batch, repeats):
     """(batch-1 latency in ms, median over repeats; batch images/s)."""
     fn(single)

@@ -28,7 +28,7 @@ LOG_DIR = "logs"
 
 _log = logging.getLogger(LOGGER)
 _state = {"script": None, "started": time.time(), "buffer": None, "file": None,
-          "verbose": False}
+          "verbose": False, "keep": False}
 
 # TensorFlow and Estimator warnings that say nothing a user of this pipeline can act on; they
 # stay in the log file. Deprecations: every tf.estimator / tf.compat.v1 symbol is deprecated
@@ -55,17 +55,21 @@ def tensorboard_command(logdir):
 
 def say(message, *args):
     """Logs a line for a person: shown on the console and kept in the log file."""
-    _log.info(message, *args)
+    _log.info(message, *args, stacklevel=2)
 
 
 def warn(message, *args):
-    _log.warning(message, *args)
+    _log.warning(message, *args, stacklevel=2)
 
 
-def verbose_requested(argv):
-    """True when the command line asks for absl verbosity (-v N / --verbosity N)."""
-    return any(a in ("-v", "--v", "--verbosity") or re.match(r"--?(v|verbosity)=", a)
-               for a in argv[1:])
+def file_only(level, message, *args, exc_info=None):
+    """A record for the log file alone (what a script already printed itself: its final error
+    line, an uncaught exception's traceback); dropped when there is no log file."""
+    handler = _state["file"] or _state["buffer"]
+    if handler is not None:
+        record = logging.getLogger(LOGGER).makeRecord(
+            LOGGER, level, "(console)", 0, message, args, exc_info)
+        handler.handle(record)
 
 
 class _ConsoleFilter(logging.Filter):
@@ -112,11 +116,21 @@ class _Buffer(logging.Handler):
         self.records.append(record)
 
 
-def install(script):
-    """Sets up the console for `script` (e.g. "train") once absl has parsed the flags."""
+def install(script, log_file=True):
+    """Sets up the console for `script` (e.g. "train") once absl has parsed the flags; with
+    `log_file`, records are kept from the start for the log file that log_to() opens (scripts
+    with a model_dir)."""
     _state["script"] = script
     _state["started"] = time.time()
+    _state["keep"] = log_file
     app.call_after_init(_configure)
+    previous = sys.excepthook
+
+    def excepthook(kind, value, traceback):  # a crash's traceback in the log file too
+        file_only(logging.ERROR, "uncaught exception", exc_info=(kind, value, traceback))
+        previous(kind, value, traceback)
+
+    sys.excepthook = excepthook
 
 
 def _configure():
@@ -132,15 +146,18 @@ def _configure():
     if not _state["verbose"]:
         handler.setFormatter(_ConsoleFormatter())
     logging.captureWarnings(True)
-    buffer = _Buffer()
-    logging.getLogger().addHandler(buffer)
-    _state["buffer"] = buffer
+    if _state["keep"]:
+        buffer = _Buffer()
+        logging.getLogger().addHandler(buffer)
+        _state["buffer"] = buffer
+    # The command, for the log file: what was run, from where.
+    file_only(logging.INFO, "command: %s (in %s)", " ".join(sys.argv), os.getcwd())
 
 
 def log_to(model_dir, task=None):
     """Starts the full log file in model_dir/logs (with the lines logged so far); returns its
     path. `task` (e.g. "worker-1") keeps the tasks of one cluster in files of their own."""
-    if _state["file"] is not None or _state["script"] is None:
+    if _state["file"] is not None or not _state.get("keep"):
         return log_file()
     folder = os.path.join(model_dir, LOG_DIR)
     os.makedirs(folder, exist_ok=True)

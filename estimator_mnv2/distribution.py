@@ -134,8 +134,9 @@ def _multi_worker_strategy():
     return tf.compat.v1.distribute.experimental.MultiWorkerMirroredStrategy()
 
 
-def make_strategy(cfg: Config):
-    """The tf.distribute strategy for RunConfig(train_distribute=...), or None."""
+def make_strategy(cfg: Config, announce=True):
+    """The tf.distribute strategy for RunConfig(train_distribute=...), or None; `announce`
+    says a mirrored one on the console (training; not evaluate.py or export.py)."""
     devices = check(cfg)
     kind = cfg.distribution_strategy
     if kind in ("none", "parameter_server"):
@@ -145,8 +146,9 @@ def make_strategy(cfg: Config):
             return None  # the evaluator evaluates on its own
         return _multi_worker_strategy()
     on_gpus = all("GPU" in d for d in devices)
-    console.say("mirrored strategy over %s, %d images per replica per step", ", ".join(devices),
-                 cfg.batch_size // len(devices))
+    if announce:
+        console.say("mirrored strategy over %s, %d images per replica per step",
+                    ", ".join(devices), cfg.batch_size // len(devices))
     return tf.distribute.MirroredStrategy(
         devices, cross_device_ops=None if on_gpus else tf.distribute.ReductionToOneDevice())
 

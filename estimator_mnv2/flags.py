@@ -5,6 +5,7 @@ Library code never sees FLAGS; scripts call `define_config_flags()` at import ti
 """
 
 import dataclasses
+import logging
 import sys
 import typing
 
@@ -195,5 +196,8 @@ def config_from_flagfile(path, **overrides):
 def fail(error: Exception, code=2):
     """One line naming the flag or file and the reason; exit code 2 for bad input (nothing
     written), 1 for a training failure, 128 + signal for an interruption."""
+    from estimator_mnv2 import console
+
+    console.file_only(logging.ERROR, "error: %s", error)  # in the log file too
     print(f"error: {error}", file=sys.stderr)
     sys.exit(code)

@@ -132,7 +132,12 @@ def skipped_records(index):
 
 
 def say_parameters(cfg: Config):
-    """The training graph's network size on the console, before the optimizer adds slots."""
+    """The training graph's network size on the console, before the optimizer adds slots;
+    once per graph (a mirrored strategy calls model_fn once per replica)."""
+    graph = v1.get_default_graph()
+    if getattr(graph, "_estimator_mnv2_parameters_said", False):
+        return
+    graph._estimator_mnv2_parameters_said = True
     def size(variables):
         return sum(v.shape.num_elements() or 0 for v in variables)
 

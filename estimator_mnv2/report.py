@@ -10,6 +10,7 @@ warning says how to get the labels. numpy only otherwise: nothing here builds gr
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -23,6 +24,7 @@ PLOTS_HINT = "pip install matplotlib (the project's [plots] extra) to label them
 ANNOTATE_MAX = 25
 NAMES_MAX = 40
 _warned = []
+_warned_about = set()
 
 
 def matplotlib_figure():
@@ -133,10 +135,8 @@ class Analysis:
 
     def confusion_png(self):
         """The confusion matrix as PNG bytes: labelled (matplotlib) or a plain heat map."""
-        figure = matplotlib_figure()
-        if figure is None:
-            return encode_png(heat_map(self.counts))
-        return _confusion_figure(figure, self)
+        return _drawn(lambda figure: _confusion_figure(figure, self),
+                      lambda: encode_png(heat_map(self.counts)))
 
     def misclassified_png(self):
         """The misclassified images as one PNG grid, each titled with its true and predicted
@@ -144,10 +144,32 @@ class Analysis:
         None when nothing was misclassified."""
         if not len(self.images):
             return None
-        figure = matplotlib_figure()
-        if figure is None:
-            return encode_png(image_grid(self.images))
-        return _misclassified_figure(figure, self)
+        return _drawn(lambda figure: _misclassified_figure(figure, self),
+                      lambda: encode_png(image_grid(self.images)))
+
+
+def _drawn(draw, plain):
+    """draw(Figure) with matplotlib, else plain(). A drawing that fails (a font, a backend)
+    must not stop the training whose evaluation it shows: it is reported once, with its error,
+    and the plain image goes out instead."""
+    figure = matplotlib_figure()
+    if figure is None:
+        return plain()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            png = draw(figure)
+    except Exception as e:  # noqa: BLE001 - any drawing error; the plain image still goes out
+        if "draw" not in _warned_about:
+            _warned_about.add("draw")
+            console.warn("could not draw an evaluation image with matplotlib (%s: %s); "
+                         "writing it unlabelled", type(e).__name__, e)
+        return plain()
+    if any("missing from" in str(w.message) for w in caught) and "glyph" not in _warned_about:
+        _warned_about.add("glyph")
+        console.warn("some class names have characters matplotlib's font lacks (drawn as "
+                     "boxes in the images); the per_class table has them as they are")
+    return png
 
 
 def _md(text):
@@ -215,7 +237,9 @@ def _png(fig):
 
 
 def _short(name, n=14):
-    return name if len(name) <= n else name[:n - 1] + "…"
+    """A class name for a plot: shortened, and with `$` escaped (matplotlib reads $...$ as
+    maths, and a lone one is a syntax error)."""
+    return (name if len(name) <= n else name[:n - 1] + "…").replace("$", r"\$")
 
 
 def _confusion_figure(Figure, analysis):

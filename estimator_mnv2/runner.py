@@ -160,7 +160,7 @@ def make_estimator(cfg: Config, warm_start_from=None, training=True):
         checkpoint_save_graph_def=cfg.save_graph_def,
         save_summary_steps=min(cfg.log_every_steps, 100),
         log_step_count_steps=None,  # ProgressHook logs loss, lr, examples/s and time left
-        train_distribute=distribution.make_strategy(cfg))
+        train_distribute=distribution.make_strategy(cfg, announce=training))
     # Ours on top of the session settings RunConfig derived from TF_CONFIG (device filters).
     run_config = run_config.replace(session_config=precision.session_config(
         cfg, training and distribution.task()[0] != "evaluator", run_config.session_config))
@@ -205,7 +205,8 @@ def fit(cfg: Config, warm_start_from=None):
             eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
             cluster = bool(distribution.tf_config().get("cluster"))
             exporters = export.training_exporters(cfg) if cfg.export_during_training else []
-            evaluations = EvaluationLog()  # one console line per evaluation, and the best
+            # One console line per evaluation, and the best (earlier runs' too).
+            evaluations = EvaluationLog(best_evaluation(cfg.model_dir))
             exporters.append(evaluations)
             # Each evaluation reads the checkpoint saved every eval_every_steps; throttle_secs=0
             # lets every one of them be evaluated instead of one per 10 minutes. An evaluator
@@ -217,7 +218,8 @@ def fit(cfg: Config, warm_start_from=None):
                                               throttle_secs=5 if cluster else 0)
             out = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
             result = printable_metrics(out[0]) if out and out[0] else None
-            result_best = evaluations.best
+            # The evaluations of every process (a cluster's evaluator) and earlier runs.
+            result_best = best_evaluation(cfg.model_dir)
     except v1.train.NanLossDuringTrainingError:
         raise guard.TrainingError(
             f"the loss became NaN or Inf; training stopped and the last good checkpoint "
@@ -272,8 +274,9 @@ def _checkpoint_step(path):
 
 def say_start(cfg: Config):
     """The start summary: network, data, steps, model_dir and the log file."""
-    eval_files = input_lib.resolve_files(cfg.eval_files) if cfg.eval_files else []
-    eval_size = build_lib.split_size(eval_files) if cfg.mode != "train" else None
+    eval_size = None
+    if cfg.mode != "train":  # (train mode does not need --eval_files to match anything)
+        eval_size = build_lib.split_size(input_lib.resolve_files(cfg.eval_files))
     data = (f"{cfg.num_train_examples:,} training images" if cfg.num_train_examples
             else f"training images from {', '.join(cfg.train_files)}")
     if eval_size:
@@ -288,7 +291,9 @@ def say_start(cfg: Config):
         plan += f" ({cfg.max_steps * cfg.batch_size / cfg.num_train_examples:.3g} epochs)"
     plan += (f", batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.learning_rate:g} "
              f"({cfg.lr_schedule})")
-    if start:
+    if start >= cfg.max_steps:
+        plan += f"; the checkpoint is already at step {start:,}: nothing to train"
+    elif start:
         plan += f", resuming from step {start:,}"
     if cfg.mode == "train_and_evaluate":
         plan += f"; evaluating every {cfg.eval_every_steps:,} steps"
@@ -310,8 +315,8 @@ class EvaluationLog(tf.estimator.Exporter):
     (in the process that evaluates), so it says one console line per evaluation and keeps the
     best top-1, as the in-memory evaluation does."""
 
-    def __init__(self):
-        self.best = None
+    def __init__(self, best=None):
+        self.best = best
 
     @property
     def name(self):
@@ -326,6 +331,22 @@ class EvaluationLog(tf.estimator.Exporter):
         console.say("evaluation at step %d: %s%s", int(eval_result["global_step"]),
                     format_metrics(eval_result), " (best so far)" if is_best else "")
         return None
+
+
+def best_evaluation(model_dir):
+    """{"accuracy", "global_step"} of the highest top-1 in model_dir/eval's event files (every
+    evaluation written there, by any process), or None."""
+    best = None
+    for path in tf.io.gfile.glob(os.path.join(model_dir, "eval", "events.out.tfevents.*")):
+        try:
+            for event in v1.train.summary_iterator(path):
+                for value in event.summary.value:
+                    if value.tag == "accuracy" and value.HasField("simple_value") and (
+                            best is None or value.simple_value > best["accuracy"]):
+                        best = {"accuracy": value.simple_value, "global_step": event.step}
+        except tf.errors.DataLossError:  # an event file being written: its readable part
+            continue
+    return best
 
 
 def _newest_export(cfg, name):

@@ -38,6 +38,8 @@ flags.DEFINE_bool("ttv_keras_our_recipe", True, "ttv: also Keras model.fit with 
 flags.DEFINE_integer("image_size", 128, "Input size in pixels.")
 flags.DEFINE_integer("input_size", 224, "input: output size of the input transforms.")
 flags.DEFINE_integer("input_images", 300, "input: photo-size JPEGs written for the part.")
+flags.DEFINE_integer("input_data_workers", 2, "input: also the training input_fn through a "
+                     "tf.data service of this many workers on loopback (0: not).")
 flags.DEFINE_integer("batch_size", 32, "Training and serving batch size.")
 flags.DEFINE_float("width", 1.0, "Width multiplier.")
 flags.DEFINE_integer("num_classes", 1000, "Classes.")
@@ -136,6 +138,10 @@ def input_part(benchmark, say, train):
                      shuffle_buffer=256)
         whole = [benchmark.input_rate(cfg, pattern, batches=20, warmup=3)
                  for _ in range(FLAGS.rounds)]
+        served = None
+        if FLAGS.input_data_workers:
+            served = benchmark.data_service_input_rates(cfg, pattern, FLAGS.input_data_workers,
+                                                        FLAGS.rounds)
     reference = statistics.median(per_core["train: full decode, then crop (before)"])
     say("per core (one tf.data thread; ratio to the full decode, then crop):")
     for name, values in per_core.items():
@@ -145,13 +151,17 @@ def input_part(benchmark, say, train):
                 if train and FLAGS.image_size == size else None)
     say(row(f"training input_fn, all {os.cpu_count()} cores", whole, "images/s",
             consumed) + ("  of what training consumes" if consumed else ""))
+    if served:
+        say(row(f"the same through a loopback tf.data service, {FLAGS.input_data_workers} "
+                f"workers", served, "images/s", statistics.median(whole)))
     for gpu_rate in (3500, 5000):
         say(f"  feeding {gpu_rate:,} images/s (MobileNetV2 on an A100-class GPU, mixed "
             f"precision) takes about {gpu_rate / ours:.1f} such cores")
     return {"image_size": size, "data": data,
             "per_core_images_per_s": {k: statistics.median(v) for k, v in per_core.items()},
             "fused_vs_full_decode": ours / reference,
-            "input_fn_images_per_s": statistics.median(whole)}
+            "input_fn_images_per_s": statistics.median(whole),
+            "data_service_images_per_s": statistics.median(served) if served else None}
 
 
 def main(argv):
@@ -258,7 +268,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    console.install("benchmark")
+    console.install("benchmark", log_file=False)
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)

@@ -46,5 +46,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    console.install("build_tfrecords")
+    console.install("build_tfrecords", log_file=False)
     app.run(main)

@@ -64,5 +64,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    console.install("data_service")
+    console.install("data_service", log_file=False)
     app.run(main)

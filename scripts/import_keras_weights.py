@@ -69,5 +69,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    console.install("import_keras_weights")
+    console.install("import_keras_weights", log_file=False)
     app.run(main)

@@ -16,6 +16,7 @@ workers and evaluator have finished, and exits non-zero if any task failed (stop
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -197,6 +198,22 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
     return 0
 
 
+def strategy_in(train_args):
+    """The --distribution_strategy that train.py's flags (with their --flagfile contents) set,
+    the last one winning as in absl; None if they set none."""
+    try:
+        expanded = FLAGS.read_flags_from_files(list(train_args), force_gnu=False)
+    except flags.Error:  # a flag file train.py will name itself
+        expanded = list(train_args)
+    value = None
+    for i, arg in enumerate(expanded):
+        found = re.fullmatch(r"--?distribution_strategy(?:=(.*))?", arg)
+        if found:
+            value = found.group(1) if found.group(1) is not None else (
+                expanded[i + 1] if i + 1 < len(expanded) else None)
+    return value
+
+
 def main(argv):
     train_args = argv[1:]
     if not train_args:
@@ -206,11 +223,12 @@ def main(argv):
     # The cluster's shape says which strategy is meant; it goes first, so that a
     # --distribution_strategy among train.py's flags (or in a --flagfile) still wins.
     default = "parameter_server" if FLAGS.ps else "multi_worker_mirrored"
-    given = [a for a in train_args if a.startswith(("--distribution_strategy", "--flagfile"))]
-    strategy = (f"strategy {default} (implied by --ps={FLAGS.ps})" if FLAGS.ps
-                else f"strategy {default} (no ps tasks)")
+    given = strategy_in(train_args)
     if given:
-        strategy = f"strategy as train.py's flags set it ({' '.join(given)}; default {default})"
+        strategy = f"strategy {given} (train.py's flags)"
+    else:
+        strategy = (f"strategy {default} (implied by --ps={FLAGS.ps})" if FLAGS.ps
+                    else f"strategy {default} (no ps tasks)")
     train_args = [f"--distribution_strategy={default}", *train_args]
     sys.exit(run(train_args, FLAGS.workers, FLAGS.ps, FLAGS.evaluator, FLAGS.timeout,
                  strategy=strategy, data_workers=FLAGS.data_workers))

@@ -41,5 +41,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    console.install("make_digits")
+    console.install("make_digits", log_file=False)
     app.run(main)

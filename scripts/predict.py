@@ -99,5 +99,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    console.install("predict")
+    console.install("predict", log_file=False)
     sys.exit(app.run(main))

@@ -1,6 +1,7 @@
 """Image folders -> TFRecords -> preprocessing -> input_fn, on real files written here."""
 
 import io
+import json
 import os
 
 import numpy as np
@@ -319,3 +320,43 @@ def test_digits_are_written_as_class_folders(digits_images, tmp_path):
                        log=lambda *_: None)
     assert info["num_examples"] == {"train": 1438, "validation": 359}
     assert info["skipped"] == [] and info["num_classes"] == 10
+
+
+def test_split_size_only_for_one_whole_split_of_one_build(data_dir, tmp_path):
+    train = input_fn.resolve_files(os.path.join(data_dir, "train-*"))
+    validation = input_fn.resolve_files(os.path.join(data_dir, "validation-*"))
+    assert (build.split_size(train), build.split_size(validation)) == (18, 6)
+    assert build.split_size(train[:1]) is None  # a part of the split
+    assert build.split_size(train + validation) is None  # two splits
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in train:
+        (copy / os.path.basename(f)).write_bytes(open(f, "rb").read())
+    assert build.split_size([str(copy / os.path.basename(f)) for f in train]) is None
+    (copy / build.INFO_FILE).write_text("{not json")
+    assert build.split_size([str(copy / os.path.basename(f)) for f in train]) is None
+
+
+def test_build_report_lists_classes_compactly_and_every_skipped_file(image_folder, tmp_path):
+    folder = tmp_path / "images"
+    import shutil
+
+    shutil.copytree(image_folder, folder)
+    (folder / "class_0" / "broken.jpg").write_bytes(b"not an image")
+    lines = []
+    build.build(str(folder), str(tmp_path / "out"), validation_fraction=0.25, seed=0,
+                log=lines.append)
+    report = [line for line in lines if not line.startswith("encoding")]
+    assert report[0].startswith(f"wrote {tmp_path / 'out'}: ") and report[0].endswith(
+        "; skipped 1 files")
+    assert report[1] == "  train images per class: class_0 6, class_1 6, class_2 6"
+    assert report[2] == "  validation images per class: class_0 2, class_1 2, class_2 2"
+    assert report[3].startswith(f"  skipped {folder / 'class_0' / 'broken.jpg'}: ")
+    assert len(report) == 4
+    info = json.loads((tmp_path / "out" / build.INFO_FILE).read_text())
+    wide = dict(info, class_names=[f"c{i}" for i in range(20)], examples_per_class={
+        s: {f"c{i}": i + 1 for i in range(20)} for s in build.SPLITS}, skipped=[])
+    lines = []
+    build._report(wide, "out", lines.append)
+    assert lines[1] == ("  20 classes, per class 1-20 train images, 1-20 validation images "
+                        f"(every class in {os.path.join('out', build.INFO_FILE)})")

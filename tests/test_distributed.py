@@ -5,13 +5,14 @@ import glob
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import rewriter_config_pb2
 
-from conftest import run_script, tiny_config
+from conftest import ROOT, run_script, tiny_config
 from estimator_mnv2 import config as config_lib
 from estimator_mnv2 import distribution, precision, runner
 from estimator_mnv2.config import Config
@@ -74,7 +75,7 @@ def test_cluster_on_loopback(strategy, ps, data_dir, tmp_path):
     first = out.splitlines()[0]
     assert first.startswith("cluster: {") and (
         "strategy parameter_server (implied by --ps=1)" in first if ps
-        else f"as train.py's flags set it (--distribution_strategy={strategy}" in first), first
+        else f"strategy {strategy} (train.py's flags)" in first), first
     if data_workers:
         assert first.endswith("; a tf.data service with 2 workers"), first
         for task in ("dispatcher", "data_worker:0", "data_worker:1"):
@@ -289,3 +290,17 @@ def test_grappler_is_off_for_cpu_training_only(tmp_path, monkeypatch):
         assert proto.graph_options.rewrite_options.meta_optimizer_iterations == one_pass
     with pytest.raises(config_lib.ConfigError, match="--grappler: unknown setting 'fast'"):
         Config(model_dir="m", num_classes=3, grappler="fast").validate(for_training=False)
+
+
+def test_launcher_finds_the_strategy_in_train_flags_and_flag_files(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import launch_local_cluster as launcher
+
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("--model_dir=x\n--distribution_strategy=multi_worker_mirrored\n")
+    assert launcher.strategy_in(["--model_dir=x"]) is None
+    assert launcher.strategy_in([f"--flagfile={flagfile}"]) == "multi_worker_mirrored"
+    assert launcher.strategy_in([f"--flagfile={flagfile}", "--distribution_strategy",
+                                 "parameter_server"]) == "parameter_server"
+    assert launcher.strategy_in(["-distribution_strategy=mirrored"]) == "mirrored"
+    assert launcher.strategy_in(["--flagfile=/no/such.flags"]) is None

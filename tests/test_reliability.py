@@ -80,6 +80,8 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(data_dir, tmp_p
     assert f"resuming from step {stopped_at:,}" in err  # the start summary says so ...
     logs = sorted(glob.glob(os.path.join(model_dir, "logs", "train-*.log")))
     assert len(logs) == 2, logs  # ... and the second run's full log that it resumed from there
+    with open(logs[0]) as f:  # the first run's log ends with the error it stopped with
+        assert f"error: stopped by {name} at" in f.read()
     with open(logs[-1]) as f:
         assert f"Restoring parameters from {os.path.join(model_dir, 'model.ckpt')}-" \
             f"{stopped_at}" in f.read()
