@@ -48,10 +48,17 @@ def main(argv):
         if checkpoint is None or not tf.compat.v1.train.checkpoint_exists(checkpoint):
             raise config_lib.ConfigError("checkpoint", f"no checkpoint found at "
                                          f"{FLAGS.checkpoint or cfg.model_dir}")
-        for flag in ("report", "output_json"):
-            folder = os.path.dirname(FLAGS[flag].value or "") or "."
-            if FLAGS[flag].value and not os.path.isdir(folder):
+        for flag in ("report", "output_json"):  # checked before the evaluation, not after
+            path = FLAGS[flag].value
+            if not path:
+                continue
+            folder = os.path.dirname(path) or "."
+            if path.endswith(os.sep) or os.path.isdir(path):
+                raise config_lib.ConfigError(flag, f"{path} is a folder; give a file name")
+            if not os.path.isdir(folder):
                 raise config_lib.ConfigError(flag, f"{folder} is not a folder")
+            if not os.access(folder, os.W_OK):
+                raise config_lib.ConfigError(flag, f"{folder} is not writable")
     except (ValueError, FileNotFoundError) as e:
         flag_lib.fail(e)
     console.log_to(cfg.model_dir)

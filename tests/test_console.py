@@ -312,3 +312,15 @@ def test_many_classes_give_a_heat_map_beside_the_most_confused_pairs(classes):
 def test_png_encoder_round_trips():
     image = np.random.RandomState(0).randint(0, 256, (7, 5, 3)).astype(np.uint8)
     np.testing.assert_array_equal(tf.io.decode_png(report.encode_png(image)).numpy(), image)
+
+
+@pytest.mark.parametrize("flag", ["report", "output_json"])
+def test_report_paths_are_checked_before_evaluating(run, tmp_path, flag):
+    model_dir, _ = run
+    for value, why in ((f"{tmp_path}", "is a folder; give a file name"),
+                       (f"{tmp_path}/missing/r.md", "is not a folder")):
+        r = script("evaluate.py", f"--model_dir={model_dir}", f"--{flag}={value}")
+        assert r.returncode == 2, r.stderr[-2000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: --{flag}: ") and why in last, last
+        assert "evaluation at step" not in r.stderr  # refused before evaluating
