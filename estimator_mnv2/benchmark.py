@@ -361,3 +361,64 @@ def keras_time_to_accuracy(cfg: Config, target, epochs, our_recipe=False):
     model.fit(train, validation_data=val, epochs=epochs, steps_per_epoch=cfg.steps_per_epoch,
               verbose=0, callbacks=[tf.keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)])
     return reached.get("time"), reached.get("step"), reached["best"]
+
+
+# What each start-up milestone is in a train.py log file (the first line that matches).
+STARTUP_MARKS = (
+    ("imports done", "command: "),
+    ("training graph built", "Done calling model_fn."),
+    ("session ready", "Saving checkpoints for 0 "),
+    ("first step done", "first training step done"),
+    ("first evaluation done", "evaluation at step"),
+)
+
+
+def _log_seconds(line):
+    """Seconds since midnight of an absl log line ('I1201 07:04:07.569542 ...')."""
+    clock = line.split()[1]
+    h, m, sec = clock.split(":")
+    return int(h) * 3600 + int(m) * 60 + float(sec)
+
+
+def startup_breakdown(train_args, work_dir, steps=1):
+    """Runs scripts/train.py with `train_args` for `steps` steps (evaluating at the end) in a
+    fresh model_dir under `work_dir`; returns {milestone: seconds from process start} read
+    from its log file, plus "process exit" (wall time of the whole command)."""
+    import datetime
+    import glob
+    import subprocess
+    import sys
+
+    model_dir = os.path.join(work_dir, f"startup-{time.time_ns()}")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "scripts", "train.py")
+    now = datetime.datetime.now()
+    start = now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, script, *train_args, f"--model_dir={model_dir}",
+                           f"--train_steps={steps}", f"--eval_every_steps={steps}"],
+                          capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    total = time.perf_counter() - t0
+    if done.returncode:
+        raise RuntimeError(f"train.py failed: {done.stderr[-2000:]}")
+    with open(glob.glob(os.path.join(model_dir, "logs", "train-*.log"))[0]) as f:
+        lines = f.read().splitlines()
+    out = {}
+    for name, mark in STARTUP_MARKS:
+        found = next((line for line in lines if mark in line and line[:1] in "IWE"), None)
+        if found is not None:
+            out[name] = (_log_seconds(found) - start) % 86400
+    out["process exit"] = total
+    return out
+
+
+def bare_import_seconds():
+    """Wall time of a fresh `python -c "import tensorflow, tensorflow_estimator"`."""
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import tensorflow, tensorflow_estimator"],
+                   check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - t0

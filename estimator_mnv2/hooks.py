@@ -15,6 +15,18 @@ v1 = tf.compat.v1
 PAUSED_SECONDS = "estimator_mnv2_paused_seconds"
 
 
+_first_step = []
+
+
+def note_first_step(step):
+    """Logs (to the log file) when this process's first training step returned, once: the
+    'first step done' mark of benchmark.py --what startup. Called by the first hook to see it
+    (the in-memory evaluation runs before the progress hook and may evaluate right after)."""
+    if not _first_step:
+        _first_step.append(step)
+        logging.info("first training step done (step %d)", step)
+
+
 def add_pause(run_context, seconds):
     setattr(run_context, PAUSED_SECONDS, getattr(run_context, PAUSED_SECONDS, 0.0) + seconds)
 
@@ -45,6 +57,7 @@ class ProgressHook(v1.train.SessionRunHook):
         if self._last is None:
             self._last = (step, now)  # the first step includes graph set-up: do not time it
             self._step_seconds = 0.0
+            note_first_step(step)
             return
         # examples/s counts the training steps alone; time left also counts what runs between
         # them (evaluations, checkpoints).
@@ -111,6 +124,7 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
         return v1.train.SessionRunArgs(self._step_tensor)
 
     def after_run(self, run_context, run_values):
+        note_first_step(int(run_values.results) + 1)
         # The step fetched with the train op may be read before or after its update: read it
         # again only when this run may have completed an evaluation step.
         stale = int(run_values.results)

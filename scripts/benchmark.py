@@ -24,7 +24,8 @@ from estimator_mnv2.config import Config
 
 flags.DEFINE_list("what", ["train", "input", "flops", "serve"],
                   "Parts to run: train, input, flops, serve, ttv (time to a validated model "
-                  "on the digits data, a few minutes).")
+                  "on the digits data, a few minutes), startup (where train.py's seconds "
+                  "before its first step and evaluation go, on digits).")
 flags.DEFINE_string("digits_flags", "configs/digits.flags",
                     "ttv: our recipe (its --data_dir must hold the built digits records).")
 flags.DEFINE_float("target", 0.95, "ttv: validation top-1 to reach.")
@@ -117,6 +118,35 @@ def time_to_validated(benchmark, say):
             ratio = medians["ours: train_and_evaluate"] / medians[other]
             say(f"  ours / {other}: {ratio:.2f}x")
             out[f"ratio_vs_{other}"] = ratio
+    return out
+
+
+def startup_part(benchmark, say):
+    """Seconds from process start to each start-up milestone of train.py on digits (median of
+    --rounds, alternated with a bare TensorFlow import)."""
+    args = [f"--flagfile={FLAGS.digits_flags}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = alternate({
+            "train.py": lambda: benchmark.startup_breakdown(args, tmp),
+            "bare import": benchmark.bare_import_seconds,
+        }, FLAGS.rounds)
+    bare = statistics.median(results["bare import"])
+    runs = results["train.py"]
+    say(f"start-up of train.py --flagfile {FLAGS.digits_flags} --train_steps 1 (seconds from "
+        f"process start, median of {FLAGS.rounds}; from its log file):")
+    out = {"bare_import_s": bare}
+    previous = 0.0
+    for name, _ in [*benchmark.STARTUP_MARKS, ("process exit", None)]:
+        values = [r[name] for r in runs if name in r]
+        if not values:
+            continue
+        at = statistics.median(values)
+        say(f"  {name:<24} {at:6.2f} s  (+{at - previous:5.2f})  spread "
+            f"{min(values):.2f}-{max(values):.2f}")
+        out[name.replace(" ", "_") + "_s"] = at
+        previous = at
+    say(f"  bare `import tensorflow, tensorflow_estimator`: {bare:.2f} s; the one-step "
+        f"train.py took {out['process_exit_s'] / bare:.1f}x that")
     return out
 
 
@@ -254,6 +284,8 @@ def main(argv):
         out["serving"] = {name: {"batch1_ms": statistics.median(v[0] for v in values),
                                  "batch_images_per_s": statistics.median(v[1] for v in values)}
                           for name, values in serve.items()}
+    if "startup" in FLAGS.what:
+        out["startup"] = startup_part(benchmark, say)
     if "ttv" in FLAGS.what:
         out["time_to_validated"] = time_to_validated(benchmark, say)
     if FLAGS.profile_steps:

@@ -24,7 +24,7 @@ fi
 # Installs again only when pyproject.toml changed since the last install (a stamp in .venv).
 extras='.[cpu,test,digits,plots]'
 stamp=".venv/.estimator_mnv2-installed"
-want="$extras $(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$extras $(cksum < pyproject.toml)"  # cksum: POSIX, on Linux and macOS alike
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -e "$extras"

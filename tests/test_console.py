@@ -111,6 +111,7 @@ def test_verbosity_brings_the_full_log_back_to_the_console(run, tmp_path):
                f"--output_json={tmp_path / 'm.json'}", f"--report={tmp_path / 'r.md'}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Calling model_fn" in r.stderr and "Instructions for updating" in r.stderr
+    assert re.search(r"^\S+ \S+: I tensorflow/", r.stderr, re.M)  # and the C++ notes
     assert re.search(r"^I\d{4} .*evaluation at step 6: top-1", r.stderr, re.M)
 
 
