@@ -216,16 +216,42 @@ def transform_rate(encoded, fn, images=600, batch=32):
     return (images // batch) * batch / (time.perf_counter() - start)
 
 
-def input_rate(cfg: Config, pattern, batches=60, warmup=5):
+def input_rate(cfg: Config, pattern, batches=60, warmup=5, tuning=None):
     """Images/s the training input_fn delivers (parse, decode, crop, flip, batch), all
     cores."""
-    ds = input_lib.make_input_fn(pattern, True, cfg)()
+    ds = input_lib.make_input_fn(pattern, True, cfg, tuning=tuning)()
     times = []
     for i, _ in enumerate(ds):
         times.append(time.perf_counter())
         if i + 1 >= batches + warmup:
             break
     return steady_rate(times, cfg.batch_size, warmup)
+
+
+def input_levers(cfg: Config, pattern, files):
+    """{name: () -> images/s} of the whole training input_fn with one lever moved each (issue
+    17's list): the defaults (no seed: records in any order), a seed (deterministic order),
+    --skip_corrupt_records (record numbers and ignore_errors), --cache (encoded records),
+    interleave cycle length 1, 2 and the file count, prefetch depth 1, a private thread pool of
+    one thread per core."""
+    def with_(**values):
+        return Config(**{**cfg.to_params(), **values})
+
+    def rate(c=cfg, **tuning):
+        return lambda: input_rate(c, pattern, batches=20, warmup=3, tuning=tuning)
+
+    cores = os.cpu_count() or 1
+    return {
+        "defaults (no seed: any order)": rate(),
+        "--seed 0 (deterministic order)": rate(with_(seed=0)),
+        "--skip_corrupt_records": rate(with_(skip_corrupt_records=True)),
+        "--cache (encoded records)": rate(with_(cache=True)),
+        "interleave cycle length 1": rate(cycle_length=1),
+        "interleave cycle length 2": rate(cycle_length=2),
+        f"interleave cycle length {files} (all files)": rate(cycle_length=files),
+        "prefetch 1 batch": rate(prefetch=1),
+        f"private thread pool of {cores}": rate(threadpool=cores),
+    }
 
 
 def data_service_input_rates(cfg: Config, pattern, workers, rounds):

@@ -39,6 +39,9 @@ flags.DEFINE_bool("ttv_keras_our_recipe", True, "ttv: also Keras model.fit with 
 flags.DEFINE_integer("image_size", 128, "Input size in pixels.")
 flags.DEFINE_integer("input_size", 224, "input: output size of the input transforms.")
 flags.DEFINE_integer("input_images", 300, "input: photo-size JPEGs written for the part.")
+flags.DEFINE_bool("input_levers", True, "input: also the training input_fn with each tf.data "
+                  "lever moved (seed, skip_corrupt_records, cache, cycle length, prefetch, "
+                  "thread pool).")
 flags.DEFINE_integer("input_data_workers", 2, "input: also the training input_fn through a "
                      "tf.data service of this many workers on loopback (0: not).")
 flags.DEFINE_integer("batch_size", 32, "Training and serving batch size.")
@@ -168,6 +171,10 @@ def input_part(benchmark, say, train):
                      shuffle_buffer=256)
         whole = [benchmark.input_rate(cfg, pattern, batches=20, warmup=3)
                  for _ in range(FLAGS.rounds)]
+        levers = None
+        if FLAGS.input_levers:
+            files = len(benchmark.input_lib.resolve_files(pattern))
+            levers = alternate(benchmark.input_levers(cfg, pattern, files), FLAGS.rounds)
         served = None
         if FLAGS.input_data_workers:
             served = benchmark.data_service_input_rates(cfg, pattern, FLAGS.input_data_workers,
@@ -184,6 +191,12 @@ def input_part(benchmark, say, train):
     if served:
         say(row(f"the same through a loopback tf.data service, {FLAGS.input_data_workers} "
                 f"workers", served, "images/s", statistics.median(whole)))
+    if levers:
+        default = statistics.median(levers["defaults (no seed: any order)"])
+        say(f"the training input_fn with one lever moved (all {os.cpu_count()} cores; ratio to "
+            f"the defaults):")
+        for name, values in levers.items():
+            say(row(name, values, "images/s", default))
     for gpu_rate in (3500, 5000):
         say(f"  feeding {gpu_rate:,} images/s (MobileNetV2 on an A100-class GPU, mixed "
             f"precision) takes about {gpu_rate / ours:.1f} such cores")
@@ -191,7 +204,9 @@ def input_part(benchmark, say, train):
             "per_core_images_per_s": {k: statistics.median(v) for k, v in per_core.items()},
             "fused_vs_full_decode": ours / reference,
             "input_fn_images_per_s": statistics.median(whole),
-            "data_service_images_per_s": statistics.median(served) if served else None}
+            "data_service_images_per_s": statistics.median(served) if served else None,
+            "levers_images_per_s": ({k: statistics.median(v) for k, v in levers.items()}
+                                    if levers else None)}
 
 
 def main(argv):

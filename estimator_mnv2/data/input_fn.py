@@ -159,7 +159,8 @@ def check_data_service(address, timeout=5.0):
                               f"--port {port}") from None
 
 
-def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), autotune=True):
+def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), autotune=True,
+                  tuning=None):
     """Returns `input_fn(params=None, input_context=None)` reading `patterns`.
 
     Args:
@@ -170,6 +171,10 @@ def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), aut
       num_epochs: passes over the data when training (None: forever).
       shard: (number of shards, this one) when no InputContext is passed: the chief and
         workers of a parameter-server cluster (distribution.input_shard).
+      tuning: benchmark levers (benchmark.py --what input), not flags: {"cycle_length":
+        files read at once (default min(files, 8)), "prefetch": batches prefetched (default
+        AUTOTUNE), "threadpool": a private tf.data thread pool of this size (default: the
+        shared one)}.
       autotune: tf.data's autotuning (its model thread). Off for a pipeline whose iterator is
         re-initialized again and again (in-memory evaluation): there, re-initializing an
         autotuned iterator took 4-5 s instead of 0.1 s at 1 to 4 of 15 evaluations.
@@ -183,6 +188,7 @@ def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), aut
     skipped with a warning instead (a label out of range is always an error).
     """
     files = resolve_files(patterns)
+    tuning = tuning or {}
     service = config.data_service_address if training else ""
     fmt = schema.RecordFormat(config.image_key, config.label_key, config.label_offset)
     global_batch = config.batch_size if training else config.eval_batch_size
@@ -233,7 +239,7 @@ def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), aut
         # Split records: every task must see the same record stream before its shard, so no
         # task-specific (unseeded) file shuffle and a deterministic interleave; each task then
         # reads the same share every epoch, shuffled below.
-        ds = ds.interleave(read, cycle_length=min(len(files), 8),
+        ds = ds.interleave(read, cycle_length=tuning.get("cycle_length", min(len(files), 8)),
                            num_parallel_calls=AUTOTUNE, deterministic=ordered or shard_records)
         if shard_records:
             ds = ds.shard(num_shards, shard_id)
@@ -259,7 +265,11 @@ def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), aut
             ds = ds.apply(tf.data.experimental.service.distribute(
                 processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
                 service=service, job_name=data_service_job(config, files)))
-        ds = ds.prefetch(AUTOTUNE)
+        ds = ds.prefetch(tuning.get("prefetch", AUTOTUNE))
+        if tuning.get("threadpool"):
+            options = tf.data.Options()
+            options.threading.private_threadpool_size = tuning["threadpool"]
+            ds = ds.with_options(options)
         if not autotune:
             options = tf.data.Options()
             options.autotune.enabled = False  # AUTOTUNE values then become fixed defaults
