@@ -30,6 +30,9 @@ flags.DEFINE_integer("workers", 1, "Worker tasks besides the chief.")
 flags.DEFINE_integer("ps", 1, "Parameter-server tasks (0 for multi_worker_mirrored).")
 flags.DEFINE_bool("evaluator", True, "Run an evaluator task (evaluates each checkpoint).")
 flags.DEFINE_integer("timeout", 0, "Stop everything and fail after this many seconds (0: none).")
+flags.DEFINE_integer("restart_failed", 0, "Restart a chief, worker or evaluator that exits "
+                     "abnormally or is killed, with the same command and TF_CONFIG, up to this "
+                     "many times each (as a cluster manager would).")
 flags.DEFINE_integer("data_workers", 0, "Also start a tf.data service dispatcher and this many "
                      "workers (scripts/data_service.py) on loopback; every training task reads "
                      "its training input from them (--data_service_address).")
@@ -69,14 +72,26 @@ class Task:
             env["TF_CONFIG"] = json.dumps({"cluster": cluster,
                                            "task": {"type": kind, "index": index}})
         script = TRAIN if cluster is not None else DATA_SERVICE
+        self._command, self._env, self._lock = [sys.executable, script, *train_args], env, \
+            print_lock
         self.started = time.time()
+        self.restarts = 0
+        self._spawn()
+
+    def _spawn(self):
         self.ended = None
-        self.proc = subprocess.Popen([sys.executable, script, *train_args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                                     start_new_session=True)
-        self._reader = threading.Thread(target=self._stream, args=(print_lock,), daemon=True)
+        self.proc = subprocess.Popen(self._command, env=self._env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     text=True, bufsize=1, start_new_session=True)
+        with self._lock:
+            print(f"[launcher] {self.name} pid {self.proc.pid}", flush=True)
+        self._reader = threading.Thread(target=self._stream, args=(self._lock,), daemon=True)
         self._reader.start()
+
+    def restart(self):
+        """The same command and TF_CONFIG again, as a cluster manager restarts a task."""
+        self.restarts += 1
+        self._spawn()
 
     def _stream(self, lock):
         for line in self.proc.stdout:
@@ -131,12 +146,20 @@ def start_data_service(data_workers, lock):
     return [dispatcher, *workers], f"grpc://127.0.0.1:{port}"
 
 
+def how_it_ended(returncode):
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with code {returncode}"
+
+
 def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strategy=None,
-        data_workers=0):
+        data_workers=0, restart_failed=0):
     """Runs the cluster; returns 0 if the chief, workers and evaluator all succeeded.
     `strategy`: what the first line says about --distribution_strategy. With `data_workers`,
     a tf.data service serves every training task's input; a data worker that dies is
-    reported and training goes on with the others (the dispatcher hands its work on)."""
+    reported and training goes on with the others (the dispatcher hands its work on). A chief,
+    worker or evaluator that exits abnormally or is killed is restarted with the same command
+    and TF_CONFIG up to `restart_failed` times each; a ps task that dies fails the run."""
     cluster = cluster_spec(workers, ps)
     lock = threading.Lock()
     print(f"cluster: {json.dumps(cluster)}" + (f"; {strategy}" if strategy else "")
@@ -169,7 +192,13 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
             for t in trainers:
                 rc = t.poll()
                 if rc not in (None, 0):
-                    failed = f"{t.name} exited with code {rc}"
+                    if t.restarts < restart_failed:
+                        print(f"[launcher] {t.name} {how_it_ended(rc)}; restarting it with the "
+                              f"same command and TF_CONFIG ({t.restarts + 1} of "
+                              f"{restart_failed})", flush=True)
+                        t.restart()
+                    else:
+                        failed = f"{t.name} {how_it_ended(rc)}"
             for t in servers + data[:1]:
                 if t.poll() is not None:
                     failed = f"{t.name} exited on its own with code {t.proc.returncode}"
@@ -186,11 +215,12 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
             t.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    print("task          exit  seconds", flush=True)
+    print("task          exit  seconds  restarts", flush=True)
     for t in tasks:
         how = ("stopped" if (t in servers or t in data) and t not in lost and failed is None
                else str(t.proc.returncode))
-        print(f"{t.name:<13} {how:>4}  {(t.ended or time.time()) - t.started:7.1f}")
+        print(f"{t.name:<13} {how:>4}  {(t.ended or time.time()) - t.started:7.1f}  "
+              f"{t.restarts:8d}")
     if failed:
         print(f"cluster failed: {failed}", file=sys.stderr, flush=True)
         return 1
@@ -231,7 +261,8 @@ def main(argv):
                     else f"strategy {default} (no ps tasks)")
     train_args = [f"--distribution_strategy={default}", *train_args]
     sys.exit(run(train_args, FLAGS.workers, FLAGS.ps, FLAGS.evaluator, FLAGS.timeout,
-                 strategy=strategy, data_workers=FLAGS.data_workers))
+                 strategy=strategy, data_workers=FLAGS.data_workers,
+                 restart_failed=FLAGS.restart_failed))
 
 
 if __name__ == "__main__":

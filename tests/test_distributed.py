@@ -5,7 +5,10 @@ import glob
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from tensorflow.core.protobuf import rewriter_config_pb2
 
 from conftest import ROOT, run_script, tiny_config
 from estimator_mnv2 import config as config_lib
-from estimator_mnv2 import distribution, precision, runner
+from estimator_mnv2 import distribution, guard, precision, runner
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import input_fn as input_lib
 from estimator_mnv2.model_fn import model_fn
@@ -304,3 +307,74 @@ def test_launcher_finds_the_strategy_in_train_flags_and_flag_files(tmp_path):
                                  "parameter_server"]) == "parameter_server"
     assert launcher.strategy_in(["-distribution_strategy=mirrored"]) == "mirrored"
     assert launcher.strategy_in(["--flagfile=/no/such.flags"]) is None
+
+
+def test_parameter_server_cluster_survives_its_worker_evaluator_and_chief_being_killed(
+        data_dir, tmp_path):
+    """launch_local_cluster.py --restart_failed 1: a worker, then the evaluator, then the chief
+    are killed with SIGKILL mid-run, each restarted with its command and TF_CONFIG; the job
+    reaches its step with every listed checkpoint readable, the final step evaluated, and
+    config.json as the first chief wrote it (the dead chief's lock did not block its
+    restart)."""
+    model_dir = str(tmp_path / "cluster")
+    out_path = tmp_path / "launcher.out"
+    steps = 300
+    with open(out_path, "w") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "scripts", "launch_local_cluster.py"),
+             "--workers=1", "--ps=1", "--restart_failed=1", "--timeout=400", "--",
+             f"--model_dir={model_dir}", f"--data_dir={data_dir}", "--batch_size=8",
+             "--learning_rate=0.01", f"--train_steps={steps}", "--eval_every_steps=50",
+             "--eval_steps=1", *COMMON], env={**os.environ, "PYTHONPATH": ROOT},
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_for(pattern, seconds=150):
+        deadline = time.time() + seconds
+        while time.time() < deadline and launcher.poll() is None:
+            found = re.findall(pattern, out_path.read_text(), re.M)
+            if found:
+                return found
+            time.sleep(0.3)
+        raise AssertionError(f"no {pattern!r}: {out_path.read_text()[-3000:]}")
+
+    def kill(task):
+        pid = int(re.findall(rf"^\[launcher\] {re.escape(task)} pid (\d+)$",
+                             out_path.read_text(), re.M)[-1])
+        os.kill(pid, signal.SIGKILL)
+
+    try:
+        wait_for(r"^\[worker:0\] step \d+/")
+        kill("worker:0")
+        wait_for(r"^\[launcher\] worker:0 was killed by SIGKILL; restarting it")
+        wait_for(r"^\[evaluator\] evaluation at step \d+")
+        kill("evaluator")
+        wait_for(r"^\[launcher\] evaluator was killed by SIGKILL; restarting it")
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = f.read()
+        # the chief, once a checkpoint past step 0 exists
+        wait_for(r"^\[chief\] step (\d*[1-9]\d\d|[5-9]\d)/")
+        assert tf.train.latest_checkpoint(model_dir) is not None
+        kill("chief")
+        wait_for(r"^\[launcher\] chief was killed by SIGKILL; restarting it")
+        assert launcher.wait(400) == 0, out_path.read_text()[-4000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(60)
+    out = out_path.read_text()
+    assert "cluster finished: all tasks succeeded" in out
+    for task in ("chief", "worker:0", "evaluator"):
+        assert re.search(rf"^{re.escape(task)} +0 +[\d.]+ +1$", out, re.M), out[-2000:]
+    # the restarted chief resumed from a checkpoint, not from step 0
+    assert re.search(r"^\[chief\] .*resuming from step [1-9]", out, re.M), out[-3000:]
+    state = tf.train.get_checkpoint_state(model_dir)
+    for path in state.all_model_checkpoint_paths:  # every listed checkpoint reads back
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    final = int(tf.train.latest_checkpoint(model_dir).rsplit("-", 1)[1])
+    assert final >= steps
+    assert max(eval_events(model_dir)) == final
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert f.read() == config
+    assert not os.path.exists(os.path.join(model_dir, guard.LOCK_FILE))
