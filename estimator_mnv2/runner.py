@@ -282,6 +282,9 @@ def say_start(cfg: Config):
     if eval_size:
         data += f", {eval_size:,} for evaluation"
     kind, index = distribution.task()
+    if kind == "ps":
+        console.say("ps %d: serving the variables of %s's cluster", index, cfg.model_dir)
+        return
     task = f" ({kind} {index})" if distribution.tf_config().get("cluster") else ""
     console.say("training %s (width %s) on %d classes at %d px%s: %s", cfg.network, cfg.width,
                 cfg.num_classes, cfg.image_size, task, data)

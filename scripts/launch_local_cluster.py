@@ -32,7 +32,8 @@ flags.DEFINE_bool("evaluator", True, "Run an evaluator task (evaluates each chec
 flags.DEFINE_integer("timeout", 0, "Stop everything and fail after this many seconds (0: none).")
 flags.DEFINE_integer("restart_failed", 0, "Restart a chief, worker or evaluator that exits "
                      "abnormally or is killed, with the same command and TF_CONFIG, up to this "
-                     "many times each (as a cluster manager would).")
+                     "many times each (as a cluster manager would); a ps task that dies "
+                     "restarts the whole job from the last checkpoint.")
 flags.DEFINE_integer("data_workers", 0, "Also start a tf.data service dispatcher and this many "
                      "workers (scripts/data_service.py) on loopback; every training task reads "
                      "its training input from them (--data_service_address).")
@@ -88,9 +89,10 @@ class Task:
         self._reader = threading.Thread(target=self._stream, args=(self._lock,), daemon=True)
         self._reader.start()
 
-    def restart(self):
-        """The same command and TF_CONFIG again, as a cluster manager restarts a task."""
-        self.restarts += 1
+    def restart(self, counted=True):
+        """The same command and TF_CONFIG again, as a cluster manager restarts a task
+        (`counted`: a restart of this task's own, not of the whole job)."""
+        self.restarts += counted
         self._spawn()
 
     def _stream(self, lock):
@@ -159,7 +161,8 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
     a tf.data service serves every training task's input; a data worker that dies is
     reported and training goes on with the others (the dispatcher hands its work on). A chief,
     worker or evaluator that exits abnormally or is killed is restarted with the same command
-    and TF_CONFIG up to `restart_failed` times each; a ps task that dies fails the run."""
+    and TF_CONFIG up to `restart_failed` times each; a ps task that dies, up to as many times,
+    restarts the whole job (the chief and workers resume from the last checkpoint)."""
     cluster = cluster_spec(workers, ps)
     lock = threading.Lock()
     print(f"cluster: {json.dumps(cluster)}" + (f"; {strategy}" if strategy else "")
@@ -199,7 +202,27 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
                         t.restart()
                     else:
                         failed = f"{t.name} {how_it_ended(rc)}"
-            for t in servers + data[:1]:
+            for t in servers:
+                rc = t.poll()
+                if rc is None:
+                    continue
+                if t.restarts < restart_failed:
+                    # Parameter-server training cannot go on without its variables: the whole
+                    # job (ps, chief, workers) starts again from the last checkpoint; the
+                    # evaluator, which needs no ps, goes on.
+                    print(f"[launcher] {t.name} {how_it_ended(rc)}; restarting it and the "
+                          f"chief and workers, which resume from the last checkpoint "
+                          f"({t.restarts + 1} of {restart_failed})", flush=True)
+                    job = [x for x in trainers if x.kind in ("chief", "worker")
+                           and x.poll() != 0]
+                    for x in job:
+                        x.stop(grace=5.0)
+                    t.restart()
+                    for x in job:
+                        x.restart(counted=False)
+                else:
+                    failed = f"{t.name} exited on its own with code {rc}"
+            for t in data[:1]:
                 if t.poll() is not None:
                     failed = f"{t.name} exited on its own with code {t.proc.returncode}"
             for t in data[1:]:

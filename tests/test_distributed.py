@@ -309,10 +309,11 @@ def test_launcher_finds_the_strategy_in_train_flags_and_flag_files(tmp_path):
     assert launcher.strategy_in(["--flagfile=/no/such.flags"]) is None
 
 
-def test_parameter_server_cluster_survives_its_worker_evaluator_and_chief_being_killed(
+def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
         data_dir, tmp_path):
-    """launch_local_cluster.py --restart_failed 1: a worker, then the evaluator, then the chief
-    are killed with SIGKILL mid-run, each restarted with its command and TF_CONFIG; the job
+    """launch_local_cluster.py --restart_failed 1: a worker, then the evaluator, then the chief,
+    then the ps are killed with SIGKILL mid-run, each restarted with its command and TF_CONFIG
+    (the ps with the whole job, from the last checkpoint); the job
     reaches its step with every listed checkpoint readable, the final step evaluated, and
     config.json as the first chief wrote it (the dead chief's lock did not block its
     restart)."""
@@ -356,6 +357,12 @@ def test_parameter_server_cluster_survives_its_worker_evaluator_and_chief_being_
         assert tf.train.latest_checkpoint(model_dir) is not None
         kill("chief")
         wait_for(r"^\[launcher\] chief was killed by SIGKILL; restarting it")
+        # ... and once the restarted chief trains again, the ps: the whole job restarts.
+        wait_for(r"restarting it with the same command and TF_CONFIG \(1 of 1\)\n"
+                 r"\[launcher\] chief pid \d+\n(.*\n)*\[chief\] step \d+/")
+        kill("ps:0")
+        wait_for(r"^\[launcher\] ps:0 was killed by SIGKILL; restarting it and the chief and "
+                 r"workers")
         assert launcher.wait(400) == 0, out_path.read_text()[-4000:]
     finally:
         if launcher.poll() is None:
@@ -365,6 +372,10 @@ def test_parameter_server_cluster_survives_its_worker_evaluator_and_chief_being_
     assert "cluster finished: all tasks succeeded" in out
     for task in ("chief", "worker:0", "evaluator"):
         assert re.search(rf"^{re.escape(task)} +0 +[\d.]+ +1$", out, re.M), out[-2000:]
+    assert re.search(r"^ps:0 +stopped +[\d.]+ +1$", out, re.M), out[-2000:]
+    # after the ps restart, the chief resumed from a checkpoint again
+    after_ps = out[out.index("[launcher] ps:0 was killed"):]
+    assert re.search(r"^\[chief\] .*resuming from step [1-9]", after_ps, re.M), after_ps[:3000]
     # the restarted chief resumed from a checkpoint, not from step 0
     assert re.search(r"^\[chief\] .*resuming from step [1-9]", out, re.M), out[-3000:]
     state = tf.train.get_checkpoint_state(model_dir)
