@@ -94,7 +94,9 @@ def prepare_model_dir(cfg: Config):
                 input_lib.resolve_files(getattr(cfg, field))
             except FileNotFoundError as e:
                 raise config_lib.ConfigError(field, str(e)) from None
-    if cfg.data_service_address and cfg.mode != "evaluate":
+    # Only the tasks that train read from the service (not a ps, not an evaluator).
+    if (cfg.data_service_address and cfg.mode != "evaluate"
+            and distribution.task()[0] not in ("ps", "evaluator")):
         try:
             input_lib.check_data_service(cfg.data_service_address)
         except ConnectionError as e:

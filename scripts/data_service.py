@@ -11,6 +11,7 @@ its jobs (fault-tolerant mode); workers may come and go at any time.
 """
 
 import signal
+import socket
 import sys
 import threading
 
@@ -24,8 +25,9 @@ flags.DEFINE_integer("port", 0, "Port to serve on (0: any free port, printed).")
 flags.DEFINE_string("work_dir", "", "Dispatcher: folder for its journal (fault tolerance: a "
                     "restarted dispatcher resumes from it).")
 flags.DEFINE_string("dispatcher_address", "", "Worker: the dispatcher's HOST:PORT.")
-flags.DEFINE_string("worker_host", "localhost", "Worker: the host name other machines (and "
-                    "the training tasks) reach this worker by.")
+flags.DEFINE_string("worker_host", None, "Worker: the host name other machines (and the "
+                    "training tasks) reach this worker by (default: localhost when the "
+                    "dispatcher is on this machine, else this machine's full name).")
 FLAGS = flags.FLAGS
 
 
@@ -52,9 +54,12 @@ def main(argv):
                     f" (journal in {FLAGS.work_dir})" if FLAGS.work_dir else "")
     else:
         address = FLAGS.dispatcher_address.replace("grpc://", "")
+        host = FLAGS.worker_host
+        if host is None:  # a worker the training machines can reach, not their own localhost
+            local = address.rsplit(":", 1)[0] in ("localhost", "127.0.0.1", "::1")
+            host = "localhost" if local else socket.getfqdn()
         server = service.WorkerServer(service.WorkerConfig(
-            dispatcher_address=address, port=FLAGS.port,
-            worker_address=f"{FLAGS.worker_host}:%port%"))
+            dispatcher_address=address, port=FLAGS.port, worker_address=f"{host}:%port%"))
         console.say("tf.data service worker at %s, dispatcher %s", server._address, address)
     sys.stdout.flush()
     while not stop.wait(0.5):

@@ -109,12 +109,13 @@ class Task:
         return rc
 
     def stop(self, grace=10.0):
-        """SIGTERM (train.py then saves a checkpoint), SIGKILL after `grace` seconds."""
+        """SIGTERM (train.py then saves a checkpoint), SIGKILL after `grace` seconds (at once
+        with 0)."""
         if self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(signal.SIGTERM if grace else signal.SIGKILL)
         try:
-            self.proc.wait(grace)
+            self.proc.wait(grace or None)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -192,16 +193,7 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
             if timeout and time.time() - start > timeout:
                 failed = f"timed out after {timeout} s"
                 break
-            for t in trainers:
-                rc = t.poll()
-                if rc not in (None, 0):
-                    if t.restarts < restart_failed:
-                        print(f"[launcher] {t.name} {how_it_ended(rc)}; restarting it with the "
-                              f"same command and TF_CONFIG ({t.restarts + 1} of "
-                              f"{restart_failed})", flush=True)
-                        t.restart()
-                    else:
-                        failed = f"{t.name} {how_it_ended(rc)}"
+            ps_restarted = False  # then this poll's trainer exits are the ps's doing
             for t in servers:
                 rc = t.poll()
                 if rc is None:
@@ -215,13 +207,24 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
                           f"({t.restarts + 1} of {restart_failed})", flush=True)
                     job = [x for x in trainers if x.kind in ("chief", "worker")
                            and x.poll() != 0]
-                    for x in job:
-                        x.stop(grace=5.0)
+                    for x in job:  # SIGTERM's checkpoint save cannot work without the ps
+                        x.stop(grace=0.0)
                     t.restart()
                     for x in job:
                         x.restart(counted=False)
+                    ps_restarted = True
                 else:
                     failed = f"{t.name} exited on its own with code {rc}"
+            for t in trainers if not ps_restarted and failed is None else []:
+                rc = t.poll()
+                if rc not in (None, 0):
+                    if t.restarts < restart_failed:
+                        print(f"[launcher] {t.name} {how_it_ended(rc)}; restarting it with the "
+                              f"same command and TF_CONFIG ({t.restarts + 1} of "
+                              f"{restart_failed})", flush=True)
+                        t.restart()
+                    else:
+                        failed = f"{t.name} {how_it_ended(rc)}"
             for t in data[:1]:
                 if t.poll() is not None:
                     failed = f"{t.name} exited on its own with code {t.proc.returncode}"

@@ -126,10 +126,10 @@ def test_training_goes_on_when_a_data_worker_dies(data_dir, tmp_path):
         wait_for(lambda: "step 20/150" in log.read_text() or train.poll() is not None, 120,
                  "training to reach step 20")
         assert train.poll() is None, log.read_text()[-2000:]
-        workers[0].kill()
         killed_at = max(int(s) for s in re.findall(r"step (\d+)/150", log.read_text()))
+        workers[0].kill()
         assert train.wait(240) == 0, log.read_text()[-3000:]
-        assert killed_at < 150
+        assert killed_at <= 100  # well before the end: most steps came after the kill
         assert tf.train.latest_checkpoint(model_dir).endswith("model.ckpt-150")
         for p in (workers[1], dispatcher):
             p.send_signal(signal.SIGTERM)

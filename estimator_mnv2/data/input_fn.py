@@ -1,6 +1,8 @@
 """TFRecords -> batches of ({'image': float32 [N, H, W, 3]}, int64 labels [N]) for the Estimator."""
 
 import hashlib
+import json
+import os
 import re
 import socket
 import time
@@ -140,8 +142,12 @@ def find_corrupt_files(files):
 
 
 def data_service_job(config, files):
-    """The tf.data service job name of a training run: the same for every task of a cluster
-    (same --model_dir and files), so that they share one job and split its data."""
+    """The tf.data service job name of a training run in a TF_CONFIG cluster: the same for
+    every task (same --model_dir and files), so that they share one job and split its data,
+    and a restarted task rejoins it. One process: None, a job of its own per run (a new run
+    never inherits a job that an earlier one left half read)."""
+    if not json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster"):
+        return None
     key = "|".join([config.model_dir, *files])
     return "estimator_mnv2-" + hashlib.sha1(key.encode()).hexdigest()[:16]
 
