@@ -360,3 +360,18 @@ def test_build_report_lists_classes_compactly_and_every_skipped_file(image_folde
     build._report(wide, "out", lines.append)
     assert lines[1] == ("  20 classes, per class 1-20 train images, 1-20 validation images "
                         f"(every class in {os.path.join('out', build.INFO_FILE)})")
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_gray_and_cmyk_jpegs_crop_to_rgb_like_their_full_decode(mode):
+    """The crop-window path on a 1- or 4-component JPEG (extract_jpeg_shape gives C=1 or 4):
+    3 channels, the full decode's pixels in the whole-image window."""
+    rgb = np.random.RandomState(2).randint(0, 256, (40, 60, 3)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(buffer, format="JPEG", quality=95)
+    encoded = tf.constant(buffer.getvalue())
+    whole = preprocessing.decode_random_crop(encoded, area_range=(1.0, 1.0),
+                                             aspect_ratio_range=(1.5, 1.5)).numpy()
+    np.testing.assert_array_equal(whole, preprocessing.decode_image(encoded).numpy())
+    crop = preprocessing.decode_random_crop(encoded, area_range=(0.2, 0.5)).numpy()
+    assert crop.shape[2] == 3 and crop.shape[0] * crop.shape[1] < 40 * 60
