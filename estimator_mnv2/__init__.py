@@ -5,7 +5,6 @@ and a wrong TensorFlow fails later with obscure errors, so it fails here with wh
 """
 
 import os
-import re
 import sys
 
 _INSTALL_HINT = (
@@ -38,9 +37,9 @@ def _quiet_tensorflow_cpp():
     passes) are notes for TensorFlow's developers: hidden unless the command line asks for
     verbosity (-v / --verbosity) or TF_CPP_MIN_LOG_LEVEL is already set. C++ warnings and
     errors still show."""
-    verbose = any(a in ("-v", "--v", "--verbosity") or re.match(r"--?(v|verbosity)=", a)
-                  for a in sys.argv[1:])
-    if not verbose:
+    from estimator_mnv2.console import verbose_requested
+
+    if not verbose_requested(sys.argv):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 

@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 
-from absl import app, flags
+from absl import app
 from absl import logging as absl_logging
 
 LOGGER = "estimator_mnv2"  # lines for a person: on the console and in the log file
@@ -133,9 +133,15 @@ def install(script, log_file=True):
     sys.excepthook = excepthook
 
 
+def verbose_requested(argv):
+    """True when the command line asks for absl verbosity (-v N / --verbosity N): then the
+    console shows the full log (and TensorFlow's C++ notes, see estimator_mnv2/__init__.py)."""
+    return any(a in ("-v", "--v", "--verbosity") or re.match(r"--?(v|verbosity)=", a)
+               for a in argv[1:])
+
+
 def _configure():
-    verbosity = flags.FLAGS["verbosity"]
-    _state["verbose"] = bool(verbosity.present and verbosity.value >= 0)
+    _state["verbose"] = verbose_requested(sys.argv)
     import tensorflow as tf
 
     # TensorFlow's logger hands its records to the root (absl's handler and our file) once.
