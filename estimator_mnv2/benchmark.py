@@ -175,10 +175,7 @@ def eval_window(encoded, image_size, central_fraction):
     from estimator_mnv2.data import preprocessing
 
     shape = tf.image.extract_jpeg_shape(encoded)
-    h, w = shape[0], shape[1]
-    crop_h = tf.maximum(tf.cast(tf.cast(h, tf.float32) * central_fraction, tf.int32), 1)
-    crop_w = tf.maximum(tf.cast(tf.cast(w, tf.float32) * central_fraction, tf.int32), 1)
-    window = tf.stack([(h - crop_h) // 2, (w - crop_w) // 2, crop_h, crop_w])
+    window = tf.stack(preprocessing.central_box(shape[0], shape[1], central_fraction))
     image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
     return preprocessing.preprocess_for_eval(image, image_size, 1.0)
 

@@ -23,8 +23,7 @@ PLOTS_HINT = "pip install matplotlib (the project's [plots] extra) to label them
 # the most confused pairs.
 ANNOTATE_MAX = 25
 NAMES_MAX = 40
-_warned = []
-_warned_about = set()
+_warned_about = set()  # what was warned about once per process
 
 
 def matplotlib_figure():
@@ -33,8 +32,8 @@ def matplotlib_figure():
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        if not _warned:
-            _warned.append(True)
+        if "matplotlib" not in _warned_about:
+            _warned_about.add("matplotlib")
             console.warn("matplotlib is not installed: the confusion matrix and misclassified "
                          "images are drawn without class names and counts; %s", PLOTS_HINT)
         return None

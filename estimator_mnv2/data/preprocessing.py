@@ -101,6 +101,14 @@ def preprocess_for_train(image, image_size, area_range=(0.08, 1.0),
     return finish_for_train(tf.slice(image, begin, size), image_size, flip)
 
 
+def central_box(h, w, central_fraction):
+    """(top, left, height, width) of the central crop keeping `central_fraction` of each side
+    of an h x w image (at least one pixel)."""
+    crop_h = tf.maximum(tf.cast(tf.cast(h, tf.float32) * central_fraction, tf.int32), 1)
+    crop_w = tf.maximum(tf.cast(tf.cast(w, tf.float32) * central_fraction, tf.int32), 1)
+    return (h - crop_h) // 2, (w - crop_w) // 2, crop_h, crop_w
+
+
 def preprocess_for_eval(image, image_size, central_fraction=0.875):
     """Central crop of `central_fraction` of each side, resized, scaled to [-1, 1].
 
@@ -117,9 +125,7 @@ def preprocess_for_eval(image, image_size, central_fraction=0.875):
     if central_fraction < 1.0:
         shape = tf.shape(image)
         h, w = shape[-3], shape[-2]
-        crop_h = tf.maximum(tf.cast(tf.cast(h, tf.float32) * central_fraction, tf.int32), 1)
-        crop_w = tf.maximum(tf.cast(tf.cast(w, tf.float32) * central_fraction, tf.int32), 1)
-        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        top, left, crop_h, crop_w = central_box(h, w, central_fraction)
         image = image[..., top:top + crop_h, left:left + crop_w, :]
     image = _resize(image, image_size)
     image.set_shape(image.shape[:-3].concatenate([image_size, image_size, 3]))
