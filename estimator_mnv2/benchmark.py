@@ -4,6 +4,7 @@ Each function returns plain numbers; contenders are alternated by the caller (A 
 machine noise hits both alike.
 """
 
+import json
 import os
 import tempfile
 import time
@@ -386,6 +387,49 @@ def keras_time_to_accuracy(cfg: Config, target, epochs, our_recipe=False):
     return reached.get("time"), reached.get("step"), reached["best"]
 
 
+def _script(name):
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        name)
+
+
+def _run_script(args, what):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if done.returncode:
+        raise RuntimeError(f"{what} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return done.stdout
+
+
+def train_script_time_to_accuracy(train_args, target, work_dir):
+    """Seconds from the start of a `scripts/train.py *train_args` process (imports, graph,
+    input pipeline and all) to its first evaluation at or above `target` top-1, stopping
+    there (--stop_at_accuracy), without exports; (seconds or None, step, best top-1)."""
+    import shutil
+
+    model_dir = os.path.join(work_dir, f"ttv-{time.time_ns()}")
+    start = time.time()
+    _run_script([_script("train.py"), *train_args, f"--model_dir={model_dir}",
+                 f"--stop_at_accuracy={target}", "--noexport_during_training"], "train.py")
+    reached, step, best = _first_eval_reaching(model_dir, target)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    return (reached - start if reached else None), step, best
+
+
+def lean_keras_time_to_accuracy(target, seed, epochs):
+    """The same for scripts/lean_keras_digits.py (the leanest Keras script: in-memory arrays,
+    nothing from this pipeline), from its process start."""
+    start = time.time()
+    out = _run_script([_script("lean_keras_digits.py"), f"--seed={seed}",
+                       f"--target={target}", f"--epochs={epochs}"], "lean_keras_digits.py")
+    result = json.loads(out.strip().splitlines()[-1])
+    reached = result["reached_time"]
+    return (reached - start if reached else None), result["step"], result["best"]
+
+
 # What each start-up milestone is in a train.py log file (the first line that matches).
 STARTUP_MARKS = (
     ("imports done", "command: "),
@@ -413,8 +457,7 @@ def startup_breakdown(train_args, work_dir, steps=1):
     import sys
 
     model_dir = os.path.join(work_dir, f"startup-{time.time_ns()}")
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "scripts", "train.py")
+    script = _script("train.py")
     now = datetime.datetime.now()
     start = now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
     t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 """Training progress: step, loss, learning rate, examples/s and time left."""
 
+import threading
 import time
 
 import tensorflow as tf
@@ -94,6 +95,11 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
     with no evaluation before the first step). Results go to model_dir/eval, as
     train_and_evaluate's do, and to `on_result(metrics, train_session)`.
 
+    The evaluation graph and its session are built on a background thread that starts once
+    the training session exists, so training's first steps do not wait for them (about 1 s
+    at 32 px, measured by benchmark.py --what startup); the first evaluation waits for the
+    thread and raises what it raised.
+
     `on_result` returning True stops training at the evaluated step (--stop_at_accuracy).
 
     Only for one process without a strategy, and without a custom eval Saver (the moving
@@ -105,20 +111,63 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
         super().__init__(estimator, input_fn, steps=steps, every_n_iter=every_n_steps)
         self._every, self._on_result = every_n_steps, on_result
         self._interrupted = interrupted  # no final evaluation when a signal stopped training
-        self._ready = False
         self._session = None  # on the evaluation graph, open from the first evaluation
         self._session_config = session_config
         self._last_step = None
+        self._builder = None  # the thread building the evaluation graph and session
+        self._build_error = None
 
-    def begin(self):
-        super().begin()
+    def begin(self):  # the training graph; the evaluation graph comes later (_build)
+        if v1.get_collection(v1.GraphKeys.SAVEABLE_OBJECTS):
+            raise ValueError("in-memory evaluation copies global variables only; this "
+                             "training graph has other saveables")
         self._step_tensor = v1.train.get_global_step()
 
     def after_create_session(self, session, coord):
-        self._ready = False  # the parent evaluates here; not before the first step
-        super().after_create_session(session, coord)
-        self._ready = True
         self._last_step = int(session.run(self._step_tensor))
+        train_vars = {v.name: v for v in v1.get_collection(v1.GraphKeys.GLOBAL_VARIABLES)}
+        if self._builder is None:  # once per hook: a recreated session reuses the graph
+            self._builder = threading.Thread(target=self._build_safely, args=(train_vars,),
+                                             name="evaluation-graph", daemon=True)
+            self._builder.start()
+
+    def _build_safely(self, train_vars):
+        try:
+            self._build(train_vars)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, raised there
+            self._build_error = e
+
+    def _build(self, train_vars):
+        """The evaluation graph (the model_fn in EVAL mode on the evaluation input_fn), the
+        ops that copy the training variables of the same name into it, and its session."""
+        self._graph = tf.Graph()
+        with self._graph.as_default():
+            (self._scaffold, self._update_op, self._eval_dict,
+             self._all_hooks) = self._estimator._evaluate_build_graph(
+                self._input_fn, self._hooks, checkpoint_path=None)
+            if self._scaffold.saver is not None or self._scaffold.init_fn is not None:
+                raise ValueError("in-memory evaluation does not support a custom Saver or "
+                                 "init_fn in the evaluation graph")
+            eval_vars = {v.name: v for v in v1.get_collection(v1.GraphKeys.GLOBAL_VARIABLES)}
+            shared = sorted(set(eval_vars) & set(train_vars))
+            self._var_name_to_train_var = {name: train_vars[name] for name in shared}
+            self._var_name_to_placeholder = {name: v1.placeholder(eval_vars[name].dtype)
+                                             for name in shared}
+            self._var_feed_op = tf.group([
+                v1.assign(eval_vars[name], self._var_name_to_placeholder[name])
+                for name in shared])
+            self._scaffold.finalize()
+            for hook in self._all_hooks:
+                hook.begin()
+        self._session = v1.Session(graph=self._graph, config=self._session_config)
+
+    def _wait_for_graph(self):
+        if self._builder is None:
+            raise RuntimeError("in-memory evaluation before the training session was created")
+        self._builder.join()
+        if self._build_error is not None:
+            error, self._build_error = self._build_error, None
+            raise error
 
     def before_run(self, run_context):
         return v1.train.SessionRunArgs(self._step_tensor)
@@ -147,19 +196,11 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
 
     def _evaluate(self, train_session):
         """One evaluation in a session on the evaluation graph that stays open for the whole
-        run (opening one costs about 2 s at 32 px): copy the weights in, reset the metrics,
+        run: copy the weights in, reset the metrics,
         restart the input, run to its end (or eval_steps), write the summaries. Returns
         on_result's verdict: True to stop training."""
-        if not self._ready:
-            return False
+        self._wait_for_graph()
         started = time.time()
-        if self._session is None:
-            with self._graph.as_default():
-                self._scaffold.finalize()
-                for hook in self._all_hooks:
-                    hook.begin()
-                self._session = v1.Session(graph=self._graph,
-                                           config=self._session_config)
         values = train_session.run(self._var_name_to_train_var)
         self._session.run(self._var_feed_op, feed_dict={
             self._var_name_to_placeholder[name]: value for name, value in values.items()})
@@ -188,6 +229,8 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
         try:
             self._final_evaluation(session)
         finally:
+            if self._builder is not None:
+                self._builder.join()  # a session it opens after this would never be closed
             if self._session is not None:
                 self._session.close()
                 self._session = None

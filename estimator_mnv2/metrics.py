@@ -2,13 +2,14 @@
 confusion counts and the most confidently misclassified images, accumulated in the evaluation
 graph and written to TensorBoard at the end of every evaluation by EvalSummaryHook."""
 
+import concurrent.futures
 import os
 
 import tensorflow as tf
 from absl import logging
 from tensorflow.core.framework import summary_pb2
 
-from estimator_mnv2 import report
+from estimator_mnv2 import console, report
 
 v1 = tf.compat.v1
 
@@ -146,10 +147,42 @@ class EvalSummaryHook(v1.train.SessionRunHook):
         analysis = read_analysis(session, self._tensors, self._class_names, step)
         if analysis.total == 0:
             return
-        writer = v1.summary.FileWriterCache.get(self._eval_dir)
-        writer.add_summary(analysis_summary(analysis), step)
-        writer.flush()
-        logging.info("wrote the evaluation analysis of step %d to %s", step, self._eval_dir)
+        # Drawing the figures takes 0.3-0.9 s (benchmark.py --what startup): a background
+        # thread does it while training goes on; finish_analysis() waits for it.
+        _pending.append(_drawing_thread().submit(_write_analysis, self._eval_dir, analysis,
+                                                 step))
+
+
+_pending = []  # futures of _write_analysis, oldest first
+_executor = []
+
+
+def _drawing_thread():
+    if not _executor:  # one thread: the analyses of one run are written in step order
+        _executor.append(concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="evaluation-analysis"))
+    return _executor[0]
+
+
+def _write_analysis(eval_dir, analysis, step):
+    with tf.Graph().as_default():  # a thread has no default graph; FileWriter needs one
+        writer = v1.summary.FileWriterCache.get(eval_dir)
+    writer.add_summary(analysis_summary(analysis), step)
+    writer.flush()
+    logging.info("wrote the evaluation analysis of step %d to %s", step, eval_dir)
+
+
+def finish_analysis():
+    """Waits until every evaluation analysis handed to the background thread is written (at
+    the end of training and of evaluate). One that failed is a warning: the images must never
+    cost the training they describe."""
+    while _pending:
+        future = _pending.pop(0)
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001 - any writing error; the metrics are written
+            console.warn("could not write an evaluation analysis to TensorBoard: %s: %s",
+                         type(e).__name__, e)
 
 
 class AnalysisCollector(v1.train.SessionRunHook):

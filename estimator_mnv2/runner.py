@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import time
 import traceback
@@ -12,7 +13,7 @@ import tensorflow as tf
 from absl import logging
 
 from estimator_mnv2 import config as config_lib
-from estimator_mnv2 import console, distribution, export, guard, precision, warm_start
+from estimator_mnv2 import console, distribution, export, guard, metrics, precision, warm_start
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import build as build_lib
 from estimator_mnv2.data import input_fn as input_lib
@@ -257,6 +258,7 @@ def fit(cfg: Config, warm_start_from=None):
             raise
         raise guard.TrainingError(_not_examples(cfg)) from None
     finally:
+        metrics.finish_analysis()  # the evaluation images drawn in the background
         if distribution.is_chief():
             guard.release_lock(cfg.model_dir)
     distribution.remove_worker_copies(cfg)
@@ -450,13 +452,32 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
         exports = [("latest", tf.train.latest_checkpoint(cfg.model_dir))]
         if state["best_changed"]:
             exports.append(("best", tf.train.latest_checkpoint(best_dir)))
+        written = []  # (checkpoint, export path)
         for name, checkpoint in exports:
-            path = export.export_saved_model(estimator, cfg,
-                                             os.path.join(cfg.model_dir, "export", name),
-                                             checkpoint)
+            export_dir = os.path.join(cfg.model_dir, "export", name)
+            # The best evaluation is often the last one: its weights are then the latest
+            # checkpoint's, and a copy of that export saves building the serving graph again.
+            same = next((path for done, path in written if same_weights(done, checkpoint)),
+                        None)
+            if same is not None:
+                path = os.path.join(export_dir, os.path.basename(same))
+                shutil.copytree(same, path)
+            else:
+                path = export.export_saved_model(estimator, cfg, export_dir, checkpoint)
+            written.append((checkpoint, path))
             logging.info("exported the %s model (%s) to %s", name, checkpoint, path)
     last = printable_metrics(state["last"]) if state["last"] else None
     return last, (best if best["accuracy"] >= 0 else None)
+
+
+def same_weights(checkpoint, other):
+    """Whether every variable of checkpoint `other` is in `checkpoint` with equal values."""
+    if _checkpoint_step(checkpoint) != _checkpoint_step(other):
+        return False
+    a, b = tf.train.load_checkpoint(checkpoint), tf.train.load_checkpoint(other)
+    a_shapes = a.get_variable_to_shape_map()
+    return all(name in a_shapes and np.array_equal(a.get_tensor(name), b.get_tensor(name))
+               for name in b.get_variable_to_shape_map())
 
 
 def _damaged_checkpoint(cfg, error):
@@ -514,13 +535,14 @@ def evaluate(cfg: Config, checkpoint_path=None, eval_files=None):
 def evaluate_with_analysis(cfg: Config, checkpoint_path=None, eval_files=None):
     """evaluate(), and the evaluation's report.Analysis (confusion counts, misclassified
     images). TensorBoard gets the analysis in model_dir/eval either way."""
-    from estimator_mnv2 import metrics
-
     estimator = make_estimator(cfg, training=False)
     eval_input = input_lib.make_input_fn(eval_files or cfg.eval_files, False, cfg)
     collector = metrics.AnalysisCollector(cfg.class_names)
-    result = estimator.evaluate(eval_input, steps=cfg.eval_steps or None, hooks=[collector],
-                                checkpoint_path=checkpoint_path)
+    try:
+        result = estimator.evaluate(eval_input, steps=cfg.eval_steps or None,
+                                    hooks=[collector], checkpoint_path=checkpoint_path)
+    finally:
+        metrics.finish_analysis()
     return printable_metrics(result), collector.analysis
 
 

@@ -33,6 +33,11 @@ flags.DEFINE_integer("ttv_eval_every_steps", 44, "ttv: our evaluation cadence (K
                      "validates every epoch, 44 steps on digits).")
 flags.DEFINE_string("ttv_network", "mobilenet_v2", "ttv: our network; mobilenet_v2 is the one "
                     "Keras builds, so both train the same network.")
+flags.DEFINE_list("ttv_clock", ["training", "process"], "ttv: which comparisons to run. "
+                  "training: in this process, seconds from the start of training (ours "
+                  "against Keras model.fit on our input pipeline); process: separate "
+                  "processes, seconds from process start (train.py against "
+                  "scripts/lean_keras_digits.py, the leanest Keras script).")
 flags.DEFINE_bool("ttv_keras_our_recipe", True, "ttv: also Keras model.fit with our "
                   "recipe's batch size, Adam learning rate and schedule: what the recipe buys "
                   "against what the pipeline does.")
@@ -89,37 +94,67 @@ def time_to_validated(benchmark, say):
         return lambda: fn(Config(**{**cfg.to_params(), "seed": (cfg.seed or 0) + next(calls)}))
 
     epochs = int(cfg.train_epochs)
-    contenders = {
-        "ours: train_and_evaluate": seeded(
-            lambda c: benchmark.ours_time_to_accuracy(c, FLAGS.target)),
-        "Keras model.fit": seeded(
-            lambda c: benchmark.keras_time_to_accuracy(c, FLAGS.target, epochs)),
-    }
-    if FLAGS.ttv_keras_our_recipe:
-        contenders["Keras model.fit, our recipe"] = seeded(
-            lambda c: benchmark.keras_time_to_accuracy(c, FLAGS.target, epochs,
-                                                       our_recipe=True))
-    results = alternate(contenders, FLAGS.rounds)
+    unknown = set(FLAGS.ttv_clock) - {"training", "process"}
+    if unknown:
+        raise app.UsageError(f"--ttv_clock: {', '.join(sorted(unknown))} is not training or "
+                             f"process")
     say(f"time to {FLAGS.target:.0%} validation top-1 on digits ({cfg.network} width "
-        f"{cfg.width}, {cfg.image_size} px; seconds from the start of training; ours: "
-        f"{FLAGS.digits_flags}, Keras: Adam {benchmark.KERAS_TTV_LEARNING_RATE:g} batch "
-        f"{benchmark.KERAS_TTV_BATCH_SIZE}; round r seeds all with {cfg.seed or 0} + r):")
+        f"{cfg.width}, {cfg.image_size} px; ours: {FLAGS.digits_flags}, Keras: Adam "
+        f"{benchmark.KERAS_TTV_LEARNING_RATE:g} batch {benchmark.KERAS_TTV_BATCH_SIZE}; "
+        f"round r seeds all with {cfg.seed or 0} + r; median of {FLAGS.rounds} alternated "
+        f"rounds)")
+    out = {}
+    if "training" in FLAGS.ttv_clock:
+        contenders = {
+            "ours: train_and_evaluate": seeded(
+                lambda c: benchmark.ours_time_to_accuracy(c, FLAGS.target)),
+            "Keras model.fit": seeded(
+                lambda c: benchmark.keras_time_to_accuracy(c, FLAGS.target, epochs)),
+        }
+        if FLAGS.ttv_keras_our_recipe:
+            contenders["Keras model.fit, our recipe"] = seeded(
+                lambda c: benchmark.keras_time_to_accuracy(c, FLAGS.target, epochs,
+                                                           our_recipe=True))
+        say("seconds from the start of training, in this process:")
+        out.update(_ttv_table(contenders, "ours: train_and_evaluate",
+                              ("Keras model.fit", "Keras model.fit, our recipe"), cfg, say))
+    if "process" in FLAGS.ttv_clock:
+        with tempfile.TemporaryDirectory() as tmp:
+            train_args = [f"--flagfile={FLAGS.digits_flags}", f"--network={cfg.network}",
+                          f"--eval_every_steps={FLAGS.ttv_eval_every_steps}"]
+            contenders = {
+                "ours: train.py": seeded(lambda c: benchmark.train_script_time_to_accuracy(
+                    [*train_args, f"--seed={c.seed}"], FLAGS.target, tmp)),
+                "lean Keras script": seeded(lambda c: benchmark.lean_keras_time_to_accuracy(
+                    FLAGS.target, c.seed, epochs)),
+            }
+            say("seconds from process start (train.py against scripts/lean_keras_digits.py: "
+                "numpy arrays, applications.MobileNetV2, model.fit):")
+            out.update(_ttv_table(contenders, "ours: train.py", ("lean Keras script",), cfg,
+                                  say))
+    return out
+
+
+def _ttv_table(contenders, ours, references, cfg, say):
+    """Runs the contenders alternated; prints a row each (ratio to the first reference) and
+    ours / each reference; returns the results and ratios."""
+    results = alternate(contenders, FLAGS.rounds)
     medians = {name: statistics.median(t for t, _, _ in values if t)
                for name, values in results.items() if any(t for t, _, _ in values)}
     for name, values in results.items():
         reached = [t for t, _, _ in values if t]
         steps = [s for _, s, _ in values if s]
         if reached:
-            say(row(name, reached, "s", medians.get("Keras model.fit")) + f"  at steps {steps}")
+            say(row(name, reached, "s", medians.get(references[0])) + f"  at steps {steps}")
         else:
             best = ", ".join(f"{b:.1%}" for _, _, b in values if b is not None)
             say(f"  {name:<34} target not reached in {cfg.train_epochs:g} epochs (best {best})")
     out = {name: [{"seconds": t, "step": s, "best": b} for t, s, b in values]
            for name, values in results.items()}
-    for other in ("Keras model.fit", "Keras model.fit, our recipe"):
-        if "ours: train_and_evaluate" in medians and other in medians:
-            ratio = medians["ours: train_and_evaluate"] / medians[other]
-            say(f"  ours / {other}: {ratio:.2f}x")
+    for other in references:
+        if ours in medians and other in medians:
+            ratio = medians[ours] / medians[other]
+            say(f"  {ours} / {other}: {ratio:.2f}x")
             out[f"ratio_vs_{other}"] = ratio
     return out
 

@@ -33,9 +33,40 @@ def cli(*args):
 
 
 def test_training_exported_best_and_latest(trained_model_dir):
-    for kind in ("best", "latest"):
-        exports = glob.glob(os.path.join(trained_model_dir, "export", kind, "*", "saved_model.pb"))
-        assert exports, kind
+    """Each export holds the weights of its checkpoint: the best evaluation's (model_dir/best,
+    the step of best_eval.json) and the last step's, whether the best export was written or
+    copied from the latest one (when both are the same weights)."""
+    best_dir = os.path.join(trained_model_dir, "best")
+    with open(os.path.join(best_dir, "best_eval.json")) as f:
+        best_step = json.load(f)["global_step"]
+    checkpoints = {"best": os.path.join(best_dir, f"model.ckpt-{best_step}"),
+                   "latest": tf.train.latest_checkpoint(trained_model_dir)}
+    for kind, checkpoint in checkpoints.items():
+        (path,) = glob.glob(os.path.join(trained_model_dir, "export", kind, "*",
+                                         "saved_model.pb"))
+        exported = tf.train.load_checkpoint(os.path.join(os.path.dirname(path), "variables",
+                                                         "variables"))
+        source = tf.train.load_checkpoint(checkpoint)
+        names = exported.get_variable_to_shape_map()
+        assert "mobilenetv2/logits/w" in names
+        for name in names:
+            np.testing.assert_array_equal(exported.get_tensor(name), source.get_tensor(name),
+                                          err_msg=f"{kind}: {name}")
+
+
+def test_same_weights(tmp_path):
+    def save(name, step, value):
+        graph = tf.Graph()
+        with graph.as_default():
+            v1.Variable(np.full(3, value, np.float32), name="w")
+            with v1.Session() as session:
+                session.run(v1.global_variables_initializer())
+                return v1.train.Saver().save(session, str(tmp_path / name / "model.ckpt"), step)
+
+    a = save("a", 5, 1.0)
+    assert runner.same_weights(a, save("b", 5, 1.0))
+    assert not runner.same_weights(a, save("c", 5, 2.0))  # same step, other values
+    assert not runner.same_weights(a, save("d", 6, 1.0))  # other step
 
 
 def test_exports_never_overwrite(exported):

@@ -145,12 +145,14 @@ def first_step_reaching(model_dir, target):
 
 def test_warm_start_reaches_accuracy_in_fewer_steps(digits_split, tmp_path):
     # Measured: the 150-step digits model reaches ~85% top-1 on 0-9; fine-tuned to low/high it
-    # reached 92% after 45 steps, where the same 45 steps from scratch stayed at 50%.
+    # reached 84-89% after 15 steps and 92-96% after 45, where the same 45 steps from scratch
+    # stayed at 50%. Runs are not bit-reproducible (threads), so the target leaves a margin: once
+    # 85% was not reached in 45 steps.
     ten, two = digits_split
     pretrained = str(tmp_path / "digits10")
     runner.train(digits_config(pretrained, ten, train_steps=150, mode="train",
                                learning_rate=0.005))
-    target, same = 0.85, dict(train_steps=45, eval_every_steps=15, learning_rate=0.0005)
+    target, same = 0.75, dict(train_steps=45, eval_every_steps=15, learning_rate=0.0005)
     runner.train(digits_config(str(tmp_path / "warm"), two, warm_start_from=pretrained,
                                **same))
     runner.train(digits_config(str(tmp_path / "scratch"), two, **same))
@@ -158,3 +160,4 @@ def test_warm_start_reaches_accuracy_in_fewer_steps(digits_split, tmp_path):
     scratch_step, scratch = first_step_reaching(str(tmp_path / "scratch"), target)
     print(f"validation top-1 by step: warm start {warm}, from scratch {scratch}")
     assert warm_step < scratch_step, (warm, scratch)
+    assert warm[-1][1] > scratch[-1][1] + 0.2, (warm, scratch)

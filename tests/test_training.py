@@ -279,3 +279,24 @@ def test_stop_at_accuracy_is_refused_where_it_cannot_apply(tmp_path, data_dir):
         runner.prepare_model_dir(cfg)
     assert e.value.field == "stop_at_accuracy" and "in-memory evaluation" in str(e.value)
     assert not os.path.exists(model_dir)
+
+
+def test_an_evaluation_graph_that_fails_to_build_fails_the_training(tmp_path, data_dir):
+    # The in-memory evaluation graph is built on a background thread while training starts;
+    # what that build raises must reach the caller at the first evaluation, not vanish.
+    from estimator_mnv2 import hooks
+
+    cfg = tiny_config(str(tmp_path), data_dir, mode="train", train_steps=2)
+    estimator = runner.make_estimator(cfg)
+
+    def broken_eval_input():
+        raise ValueError("no evaluation input here")
+
+    evaluation = hooks.InMemoryEvaluation(estimator, broken_eval_input, None, 1,
+                                          lambda metrics, session: False)
+    with pytest.raises(ValueError, match="no evaluation input here"):
+        estimator.train(input_lib.make_input_fn(cfg.train_files, True, cfg), max_steps=2,
+                        hooks=[evaluation])
+    # It stopped at the first evaluation (step 1), before a second training step.
+    assert tf.train.latest_checkpoint(str(tmp_path)) in (None, os.path.join(str(tmp_path),
+                                                                            "model.ckpt-0"))
