@@ -24,12 +24,13 @@ def _check_platform():
         raise ImportError(
             f"estimator_mnv2 needs TensorFlow 2.15 (tf.estimator was removed in 2.16), "
             f"found {tf.__version__}: {_INSTALL_HINT}")
-    try:
-        import tensorflow_estimator  # noqa: F401
-    except ImportError as e:
+    # Found, not imported: scripts that build records or predict never import Estimator.
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow_estimator") is None:
         raise ImportError(
             f"estimator_mnv2 needs tensorflow-estimator 2.15, which is not installed: "
-            f"{_INSTALL_HINT}") from e
+            f"{_INSTALL_HINT}")
 
 
 def _quiet_tensorflow_cpp():

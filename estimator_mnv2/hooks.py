@@ -93,7 +93,8 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
     and each evaluation copies the current variables into it (Estimator's
     InMemoryEvaluatorHook, triggered by global step instead of by this process's iterations,
     with no evaluation before the first step). Results go to model_dir/eval, as
-    train_and_evaluate's do, and to `on_result(metrics, train_session)`.
+    train_and_evaluate's do, and to `on_result(metrics, this hook)` (which may save_evaluated()
+    the weights it evaluated).
 
     The evaluation graph and its session are built on a background thread that starts once
     the training session exists, so training's first steps do not wait for them (about 1 s
@@ -125,9 +126,17 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
 
     def after_create_session(self, session, coord):
         self._last_step = int(session.run(self._step_tensor))
-        train_vars = {v.name: v for v in v1.get_collection(v1.GraphKeys.GLOBAL_VARIABLES)}
-        if self._builder is None:  # once per hook: a recreated session reuses the graph
-            self._builder = threading.Thread(target=self._build_safely, args=(train_vars,),
+        self._train_vars = {v.name: v
+                            for v in v1.get_collection(v1.GraphKeys.GLOBAL_VARIABLES)}
+        self._start_building()
+
+    def _start_building(self):
+        """Once per hook: a recreated session reuses the graph. (Starting it after the first
+        step instead, so that its Python work does not compete with the step's, measured no
+        earlier first step and a later first evaluation.)"""
+        if self._builder is None:
+            self._builder = threading.Thread(target=self._build_safely,
+                                             args=(self._train_vars,),
                                              name="evaluation-graph", daemon=True)
             self._builder.start()
 
@@ -156,14 +165,16 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
             self._var_feed_op = tf.group([
                 v1.assign(eval_vars[name], self._var_name_to_placeholder[name])
                 for name in shared])
+            # The evaluated weights, without optimizer slots (what an export reads), saved
+            # from this graph's session: no second Saver in the training graph.
+            self._evaluated_saver = v1.train.Saver(max_to_keep=1)
             self._scaffold.finalize()
             for hook in self._all_hooks:
                 hook.begin()
         self._session = v1.Session(graph=self._graph, config=self._session_config)
 
     def _wait_for_graph(self):
-        if self._builder is None:
-            raise RuntimeError("in-memory evaluation before the training session was created")
+        self._start_building()
         self._builder.join()
         if self._build_error is not None:
             error, self._build_error = self._build_error, None
@@ -223,7 +234,12 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
         for hook in self._all_hooks:  # the end of this evaluation (metrics.EvalSummaryHook)
             hook.end(self._session)
         self._last_step = step
-        return bool(self._on_result(result, train_session))
+        return bool(self._on_result(result, self))
+
+    def save_evaluated(self, path, step):
+        """Saves the weights of the last evaluation (its graph's global variables: the
+        network's and the global step) as a checkpoint `path`-`step`."""
+        return self._evaluated_saver.save(self._session, path, step, write_meta_graph=False)
 
     def end(self, session):  # the final evaluation, then the evaluation session closes
         try:

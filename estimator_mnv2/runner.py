@@ -411,17 +411,7 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
         with open(record) as f:
             best = json.load(f)
     state = {"last": None, "best_changed": False}
-    savers = {}
-
-    class SaveBest(v1.train.SessionRunHook):
-        def begin(self):  # the training graph: a Saver of the model's variables
-            trainable = {v.op.name for v in v1.trainable_variables()}
-            savers["best"] = v1.train.Saver(  # no optimizer slots: what an export reads
-                [v for v in v1.global_variables() if v.op.name in trainable
-                 or v.op.name.endswith(("moving_mean", "moving_variance"))]
-                + [v1.train.get_global_step()], max_to_keep=1)
-
-    def on_result(metrics, train_session):
+    def on_result(metrics, evaluation):
         """Keeps the best weights; True (stop) once cfg.stop_at_accuracy is reached."""
         state["last"] = metrics
         is_best = metrics["accuracy"] > best["accuracy"]
@@ -429,8 +419,7 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
                     format_metrics(metrics), " (best so far)" if is_best else "")
         if is_best:
             step = int(metrics["global_step"])
-            savers["best"].save(train_session, os.path.join(best_dir, "model.ckpt"), step,
-                                write_meta_graph=False)
+            evaluation.save_evaluated(os.path.join(best_dir, "model.ckpt"), step)
             best.update(accuracy=float(metrics["accuracy"]), global_step=step)
             write_json(best, record)
             state["best_changed"] = True
@@ -446,7 +435,7 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
     evaluation = hooks.InMemoryEvaluation(estimator, eval_input, cfg.eval_steps or None,
                                           cfg.eval_every_steps, on_result, interrupted,
                                           precision.session_config(cfg, training=False))
-    estimator.train(train_input, max_steps=cfg.max_steps, hooks=[SaveBest(), evaluation, stop])
+    estimator.train(train_input, max_steps=cfg.max_steps, hooks=[evaluation, stop])
     # Exports once something was trained and evaluated, and not on the way out after a signal.
     if cfg.export_during_training and state["last"] is not None and not interrupted():
         exports = [("latest", tf.train.latest_checkpoint(cfg.model_dir))]

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from conftest import NUM_CLASSES, run_script, tiny_config
 from estimator_mnv2 import config as config_lib
 from estimator_mnv2 import model_fn as model_fn_lib
-from estimator_mnv2 import optimization, runner
+from estimator_mnv2 import optimization, runner, warm_start
 from estimator_mnv2.data import input_fn as input_lib
 
 v1 = tf.compat.v1
@@ -148,6 +148,9 @@ def test_end_to_end_train_evaluate_resume(trained_model_dir, data_dir):
     assert best["accuracy"] == max(e.value for e in acc.Scalars("accuracy"))
     names = [name for name, _ in tf.train.list_variables(best_ckpt)]
     assert "mobilenetv2/logits/w" in names and not any("Adam" in n for n in names)
+    assert set(warm_start.network_variables(tiny_config(trained_model_dir, data_dir))) <= set(
+        names)  # every network variable, trainable or not
+    assert "global_step" in names
 
     # The same command with a higher target resumes from step 4.
     runner.train(tiny_config(trained_model_dir, data_dir, train_steps=6, mode="train",
@@ -293,7 +296,7 @@ def test_an_evaluation_graph_that_fails_to_build_fails_the_training(tmp_path, da
         raise ValueError("no evaluation input here")
 
     evaluation = hooks.InMemoryEvaluation(estimator, broken_eval_input, None, 1,
-                                          lambda metrics, session: False)
+                                          lambda metrics, evaluation: False)
     with pytest.raises(ValueError, match="no evaluation input here"):
         estimator.train(input_lib.make_input_fn(cfg.train_files, True, cfg), max_steps=2,
                         hooks=[evaluation])
