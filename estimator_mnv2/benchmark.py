@@ -217,7 +217,9 @@ def transform_rate(encoded, fn, images=600, batch=32):
 def input_rate(cfg: Config, pattern, batches=60, warmup=5, tuning=None):
     """Images/s the training input_fn delivers (parse, decode, crop, flip, batch), all
     cores."""
-    ds = input_lib.make_input_fn(pattern, True, cfg, tuning=tuning)()
+    tuning = dict(tuning or {})
+    autotune = tuning.pop("autotune", False)
+    ds = input_lib.make_input_fn(pattern, True, cfg, tuning=tuning, autotune=autotune)()
     times = []
     for i, _ in enumerate(ds):
         times.append(time.perf_counter())
@@ -230,8 +232,8 @@ def input_levers(cfg: Config, pattern, files):
     """{name: () -> images/s} of the whole training input_fn with one lever moved each (issue
     17's list): the defaults (no seed: records in any order), a seed (deterministic order),
     --skip_corrupt_records (record numbers and ignore_errors), --cache (encoded records),
-    interleave cycle length 1, 2 and the file count, prefetch depth 1, a private thread pool of
-    one thread per core."""
+    interleave cycle length 1, 2 and the file count, prefetch depth 1, tf.data's autotuning
+    on, a private thread pool of one thread per core."""
     def with_(**values):
         return Config(**{**cfg.to_params(), **values})
 
@@ -248,6 +250,7 @@ def input_levers(cfg: Config, pattern, files):
         "interleave cycle length 2": rate(cycle_length=2),
         f"interleave cycle length {files} (all files)": rate(cycle_length=files),
         "prefetch 1 batch": rate(prefetch=1),
+        "tf.data autotuning on": rate(autotune=True),
         f"private thread pool of {cores}": rate(threadpool=cores),
     }
 

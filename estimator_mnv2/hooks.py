@@ -1,5 +1,7 @@
 """Training progress: step, loss, learning rate, examples/s and time left."""
 
+import os
+import tempfile
 import threading
 import time
 
@@ -172,6 +174,34 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
             for hook in self._all_hooks:
                 hook.begin()
         self._session = v1.Session(graph=self._graph, config=self._session_config)
+        self._warm_up(eval_vars)
+
+    def _warm_up(self, eval_vars):
+        """Each new set of fetches makes a session build (and grappler optimize) an executor
+        at its first run, about 0.4 s at 32 px: the evaluation's runs are done once here, on
+        the initial weights and one batch, so that the first real evaluation does not pay
+        for them. Its results are never read: every evaluation copies the weights in, resets
+        the metrics and restarts the input."""
+        session = self._session
+        session.run(self._scaffold.init_op)
+        values = session.run({name: eval_vars[name] for name in self._var_name_to_placeholder})
+        session.run(self._var_feed_op, feed_dict={
+            self._var_name_to_placeholder[name]: value for name, value in values.items()})
+        session.run(self._scaffold.local_init_op)
+        for hook in self._all_hooks:  # the input's iterator initializer
+            hook.after_create_session(session, None)
+        try:
+            session.run(self._update_op)
+        except tf.errors.OutOfRangeError:  # no evaluation data: the evaluation will say so
+            pass
+        session.run(self._eval_dict)
+        for hook in self._all_hooks:  # what EvalSummaryHook reads at the end
+            if hasattr(hook, "warm_up"):
+                hook.warm_up(session)
+        # The best weights' save (in graph mode: a thread starts out eager).
+        with tempfile.TemporaryDirectory() as scratch, self._graph.as_default():
+            self._evaluated_saver.save(session, os.path.join(scratch, "warm-up"),
+                                       write_meta_graph=False, write_state=False)
 
     def _wait_for_graph(self):
         self._start_building()
@@ -239,7 +269,9 @@ class InMemoryEvaluation(tf.estimator.experimental.InMemoryEvaluatorHook):
     def save_evaluated(self, path, step):
         """Saves the weights of the last evaluation (its graph's global variables: the
         network's and the global step) as a checkpoint `path`-`step`."""
-        return self._evaluated_saver.save(self._session, path, step, write_meta_graph=False)
+        with self._graph.as_default():
+            return self._evaluated_saver.save(self._session, path, step,
+                                              write_meta_graph=False)
 
     def end(self, session):  # the final evaluation, then the evaluation session closes
         try:

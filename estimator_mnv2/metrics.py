@@ -140,6 +140,12 @@ class EvalSummaryHook(v1.train.SessionRunHook):
         self._step = v1.train.get_global_step()
         self._tensors = analysis_tensors()
 
+    def warm_up(self, session):
+        """One read of the analysis (InMemoryEvaluation runs it before the first evaluation:
+        a new set of fetches costs a first run)."""
+        if self._tensors is not None:
+            session.run([self._step, self._tensors])
+
     def end(self, session):
         if self._tensors is None:
             return

@@ -200,8 +200,7 @@ def fit(cfg: Config, warm_start_from=None):
             estimator.train(train_input, max_steps=cfg.max_steps, hooks=[stop])
             result = None
         elif in_memory_evaluation(cfg):
-            # Its iterator restarts at every evaluation: no tf.data autotuning (see input_fn).
-            eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg, autotune=False)
+            eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
             result, result_best = _train_and_evaluate_in_memory(cfg, estimator, train_input,
                                                                 eval_input, stop)
         else:

@@ -311,22 +311,24 @@ def test_launcher_finds_the_strategy_in_train_flags_and_flag_files(tmp_path):
 
 def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
         data_dir, tmp_path):
-    """launch_local_cluster.py --restart_failed 1: a worker, then the evaluator, then the chief,
-    then the ps are killed with SIGKILL mid-run, each restarted with its command and TF_CONFIG
-    (the ps with the whole job, from the last checkpoint); the job
-    reaches its step with every listed checkpoint readable, the final step evaluated, and
-    config.json as the first chief wrote it (the dead chief's lock did not block its
-    restart)."""
+    """launch_local_cluster.py --restart_failed 2: a worker, then the evaluator, then the chief
+    are killed with SIGKILL mid-run, then the chief gets SIGTERM (a preemption notice), then
+    the ps is killed; each is restarted with its command and TF_CONFIG (the ps with the whole
+    job, from the last checkpoint). The chief's SIGTERM saves a checkpoint of its step, which
+    its restart resumes from. The job reaches its step with every listed checkpoint readable,
+    the final step evaluated, the best export holding the best evaluation's step, config.json
+    as the first chief wrote it (the dead chief's lock did not block its restart), and no
+    process of it left behind."""
     model_dir = str(tmp_path / "cluster")
     out_path = tmp_path / "launcher.out"
     steps = 600  # enough that each task is still training when its turn comes
     with open(out_path, "w") as out:
         launcher = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "scripts", "launch_local_cluster.py"),
-             "--workers=1", "--ps=1", "--restart_failed=1", "--timeout=400", "--",
+             "--workers=1", "--ps=1", "--restart_failed=2", "--timeout=400", "--",
              f"--model_dir={model_dir}", f"--data_dir={data_dir}", "--batch_size=8",
              "--learning_rate=0.01", f"--train_steps={steps}", "--eval_every_steps=100",
-             "--eval_steps=1", *COMMON, "--log_every_steps=20"],
+             "--eval_steps=1", *COMMON, "--log_every_steps=20", "--export_during_training"],
             env={**os.environ, "PYTHONPATH": ROOT},
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -339,10 +341,10 @@ def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
             time.sleep(0.3)
         raise AssertionError(f"no {pattern!r}: {out_path.read_text()[-3000:]}")
 
-    def kill(task):
+    def kill(task, signum=signal.SIGKILL):
         pid = int(re.findall(rf"^\[launcher\] {re.escape(task)} pid (\d+)$",
                              out_path.read_text(), re.M)[-1])
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signum)
 
     try:
         wait_for(r"^\[worker:0\] step \d+/")
@@ -358,8 +360,17 @@ def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
         assert tf.train.latest_checkpoint(model_dir) is not None
         kill("chief")
         wait_for(r"^\[launcher\] chief was killed by SIGKILL; restarting it")
-        # ... and once the restarted chief trains again, the ps: the whole job restarts.
-        wait_for(r"restarting it with the same command and TF_CONFIG \(1 of 1\)\n"
+        # Once the restarted chief trains again: SIGTERM, as a preemption notice.
+        wait_for(r"restarting it with the same command and TF_CONFIG \(1 of 2\)\n"
+                 r"\[launcher\] chief pid \d+\n(.*\n)*\[chief\] step \d+/")
+        kill("chief", signal.SIGTERM)
+        (saved,) = wait_for(r"^\[chief\] .*stopped by SIGTERM at \S*model\.ckpt-(\d+) "
+                            r"\(checkpoint saved\)")
+        wait_for(r"^\[launcher\] chief exited with code 143; restarting it")
+        # ... it resumes from the checkpoint its SIGTERM saved; once it trains, the ps dies:
+        # the whole job restarts.
+        wait_for(rf"^\[chief\] .*resuming from step {saved}\b")
+        wait_for(r"restarting it with the same command and TF_CONFIG \(2 of 2\)\n"
                  r"\[launcher\] chief pid \d+\n(.*\n)*\[chief\] step \d+/")
         kill("ps:0")
         wait_for(r"^\[launcher\] ps:0 was killed by SIGKILL; restarting it and the chief and "
@@ -371,8 +382,8 @@ def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
             launcher.wait(60)
     out = out_path.read_text()
     assert "cluster finished: all tasks succeeded" in out
-    for task in ("chief", "worker:0", "evaluator"):
-        assert re.search(rf"^{re.escape(task)} +0 +[\d.]+ +1$", out, re.M), out[-2000:]
+    for task, restarts in (("chief", 2), ("worker:0", 1), ("evaluator", 1)):
+        assert re.search(rf"^{re.escape(task)} +0 +[\d.]+ +{restarts}$", out, re.M), out[-2000:]
     assert re.search(r"^ps:0 +stopped +[\d.]+ +1$", out, re.M), out[-2000:]
     # after the ps restart, the chief resumed from a checkpoint again
     after_ps = out[out.index("[launcher] ps:0 was killed"):]
@@ -390,3 +401,20 @@ def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
     with open(os.path.join(model_dir, "config.json")) as f:
         assert f.read() == config
     assert not os.path.exists(os.path.join(model_dir, guard.LOCK_FILE))
+    # The best export (BestExporter, whose record of the best survived the evaluator's
+    # restart in the evaluation events) holds the weights of a best-scoring evaluation.
+    evaluations = eval_events(model_dir)
+    (best,) = glob.glob(os.path.join(model_dir, "export", "best", "*", "variables"))
+    best_step = int(tf.train.load_variable(os.path.join(best, "variables"), "global_step"))
+    top = max(e["accuracy"] for e in evaluations.values())
+    assert evaluations[best_step]["accuracy"] == top, (best_step, evaluations)
+    # No process of the cluster is left (each task's command line names the model_dir).
+    left = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                if model_dir.encode() in f.read():
+                    left.append(cmdline)
+        except OSError:  # exited while we looked
+            pass
+    assert not left, left

@@ -165,7 +165,7 @@ def check_data_service(address, timeout=5.0):
                               f"--port {port}") from None
 
 
-def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), autotune=True,
+def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), autotune=False,
                   tuning=None):
     """Returns `input_fn(params=None, input_context=None)` reading `patterns`.
 
@@ -181,9 +181,14 @@ def make_input_fn(patterns, training, config, num_epochs=None, shard=(1, 0), aut
         files read at once (default min(files, 8)), "prefetch": batches prefetched (default
         AUTOTUNE), "threadpool": a private tf.data thread pool of this size (default: the
         shared one)}.
-      autotune: tf.data's autotuning (its model thread). Off for a pipeline whose iterator is
-        re-initialized again and again (in-memory evaluation): there, re-initializing an
-        autotuned iterator took 4-5 s instead of 0.1 s at 1 to 4 of 15 evaluations.
+      autotune: tf.data's autotuning (its model thread), off by default. Destroying an
+        autotuned iterator waits for the model thread's current sleep, whose period doubles up
+        to 60 s (gdb: RootDataset::Iterator's destructor joining Model::OptimizeLoop): closing
+        the training session stalled 7-28 s at the end of a digits run, and re-initializing
+        the in-memory evaluation's iterator took 4-5 s instead of 0.1 s at 1 to 4 of 15
+        evaluations. Off, the AUTOTUNE parallelism and prefetch depth become tf.data's fixed
+        defaults: the training input_fn at 224 px on photo-size JPEGs delivered the same
+        images/s either way (benchmark.py --what input, lever "tf.data autotuning on").
     Batch size: `config.batch_size` is the global batch; under a tf.distribute strategy each
     replica's pipeline yields batch_size / replicas.
     With `config.data_service_address`, a training pipeline runs on that tf.data service
