@@ -109,6 +109,7 @@ class Config:
     distribution_strategy: str = "none"
     num_gpus: int = 0  # mirrored: GPUs to use (0: all)
     num_cpu_devices: int = 0  # mirrored without GPUs: split the CPU into this many devices
+    collective_timeout: int = 600  # multi_worker_mirrored: exit after this long without a step
     precision: str = "float32"  # compute type; variables stay float32
     xla: bool = False
     grappler: str = "auto"  # TensorFlow's graph optimizer on the training graph
@@ -215,6 +216,8 @@ class Config:
         need(self.distribution_strategy in STRATEGIES, "distribution_strategy",
              f"unknown strategy {self.distribution_strategy!r}; known: {', '.join(STRATEGIES)}")
         need(self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")
+        need(self.collective_timeout >= 0, "collective_timeout",
+             f"must be >= 0 seconds (0: no limit), got {self.collective_timeout}")
         need(0 <= self.num_cpu_devices <= 64, "num_cpu_devices",
              f"must be in 0..64, got {self.num_cpu_devices}")
         need(self.precision in PRECISIONS, "precision",

@@ -62,6 +62,31 @@ def is_chief():
     return task()[0] in ("chief", "master")
 
 
+class WorkerSaver(tf.compat.v1.train.Saver):
+    """The checkpoint Saver of a multi_worker_mirrored worker other than the chief, which
+    saves its own copies in model_dir/tmp_worker_<i> (its save ops hold collectives).
+
+    TensorFlow's SessionManager restores such a worker from the chief's checkpoint and then
+    hands the Saver the chief's list of checkpoints (`recover_last_checkpoints`); once the
+    worker has saved --keep_checkpoint_max copies of its own, the Saver deletes the oldest
+    entries of that list: the chief's files in model_dir, still listed in its `checkpoint`
+    file. Measured: after a group restart, model.ckpt-40 was listed and gone. This Saver keeps
+    only its own list."""
+
+    def recover_last_checkpoints(self, checkpoint_paths):
+        del checkpoint_paths  # the chief's, not ours to delete
+
+
+def training_scaffold(cfg: Config):
+    """The training Scaffold: a WorkerSaver (with Estimator's default Saver's settings) on a
+    multi_worker_mirrored worker that is not the chief; None (Estimator's default) elsewhere."""
+    if cfg.distribution_strategy != "multi_worker_mirrored" or task()[0] != "worker":
+        return None
+    return tf.compat.v1.train.Scaffold(saver=WorkerSaver(
+        sharded=True, max_to_keep=cfg.keep_checkpoint_max, defer_build=True,
+        save_relative_paths=True))
+
+
 def configure_devices(cfg: Config):
     """Splits the CPU into cfg.num_cpu_devices logical devices (mirrored without GPUs). Must run
     before TensorFlow executes anything in this process."""

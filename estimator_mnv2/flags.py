@@ -112,6 +112,12 @@ _HELP = {
                              "parameter_server (asynchronous, a TF_CONFIG cluster with ps "
                              "tasks). --batch_size stays the global batch.",
     "num_gpus": "mirrored: number of GPUs (0: all of them).",
+    "collective_timeout": "multi_worker_mirrored: a chief or worker whose session (which "
+                          "waits for the whole group) takes longer than this many seconds to "
+                          "create, or that then completes no training step for as long, exits "
+                          "with code 75 and says why: TensorFlow's collectives wait forever "
+                          "for a task that died, and the group must restart together (0: "
+                          "wait forever).",
     "num_cpu_devices": "mirrored without GPUs: split the CPU into this many logical devices "
                        "(to try data parallelism on a laptop; no faster).",
     "precision": "Compute type: float32, bfloat16 or float16 (mixed precision, float32 "

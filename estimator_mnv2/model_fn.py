@@ -4,7 +4,7 @@ import re
 
 import tensorflow as tf
 
-from estimator_mnv2 import console, hooks, metrics, nets, optimization, precision
+from estimator_mnv2 import console, distribution, hooks, metrics, nets, optimization, precision
 from estimator_mnv2.config import Config, ConfigError
 from estimator_mnv2.data import input_fn
 
@@ -196,4 +196,5 @@ def model_fn(features, labels, mode, params):
     progress = hooks.ProgressHook(loss, lr, cfg.batch_size, cfg.max_steps, cfg.log_every_steps,
                                   skipped)
     return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op,
+                                      scaffold=distribution.training_scaffold(cfg),
                                       training_hooks=[progress])

@@ -194,10 +194,16 @@ def fit(cfg: Config, warm_start_from=None):
     train_input = input_lib.make_input_fn(cfg.train_files, True, cfg,
                                           shard=distribution.input_shard(estimator.config))
     stop = guard.StopOnSignalHook()
+    train_hooks = [stop]
+    if (cfg.distribution_strategy == "multi_worker_mirrored" and cfg.collective_timeout
+            and distribution.task()[0] in distribution.TRAINING_TASKS):
+        train_hooks.append(guard.StallWatchdog(
+            cfg.collective_timeout, "a task of the multi_worker_mirrored group is gone or "
+            "never came (TensorFlow's collectives wait for it forever)", cfg.model_dir))
     try:
         result_best = None
         if cfg.mode == "train":
-            estimator.train(train_input, max_steps=cfg.max_steps, hooks=[stop])
+            estimator.train(train_input, max_steps=cfg.max_steps, hooks=train_hooks)
             result = None
         elif in_memory_evaluation(cfg):
             eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
@@ -214,7 +220,7 @@ def fit(cfg: Config, warm_start_from=None):
             # lets every one of them be evaluated instead of one per 10 minutes. An evaluator
             # task polls for new checkpoints every 5 s, not in a busy loop.
             train_spec = tf.estimator.TrainSpec(train_input, max_steps=cfg.max_steps,
-                                                hooks=[stop])
+                                                hooks=train_hooks)
             eval_spec = tf.estimator.EvalSpec(eval_input, steps=cfg.eval_steps or None,
                                               exporters=exporters, start_delay_secs=0,
                                               throttle_secs=5 if cluster else 0)

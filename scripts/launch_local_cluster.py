@@ -27,13 +27,16 @@ import time
 from absl import app, flags
 
 flags.DEFINE_integer("workers", 1, "Worker tasks besides the chief.")
-flags.DEFINE_integer("ps", 1, "Parameter-server tasks (0 for multi_worker_mirrored).")
+flags.DEFINE_integer("ps", 1, "Parameter-server tasks (0 for multi_worker_mirrored; the "
+                     "default is 0 when train.py's flags choose multi_worker_mirrored).")
 flags.DEFINE_bool("evaluator", True, "Run an evaluator task (evaluates each checkpoint).")
 flags.DEFINE_integer("timeout", 0, "Stop everything and fail after this many seconds (0: none).")
 flags.DEFINE_integer("restart_failed", 0, "Restart a chief, worker or evaluator that exits "
                      "abnormally or is killed, with the same command and TF_CONFIG, up to this "
                      "many times each (as a cluster manager would); a ps task that dies "
-                     "restarts the whole job from the last checkpoint.")
+                     "restarts the whole job from the last checkpoint, and so does a chief or "
+                     "worker of multi_worker_mirrored (its collective group restarts "
+                     "together).")
 flags.DEFINE_integer("data_workers", 0, "Also start a tf.data service dispatcher and this many "
                      "workers (scripts/data_service.py) on loopback; every training task reads "
                      "its training input from them (--data_service_address).")
@@ -149,25 +152,35 @@ def start_data_service(data_workers, lock):
     return [dispatcher, *workers], f"grpc://127.0.0.1:{port}"
 
 
+EXIT_USAGE = 2  # train.py's exit code for bad flags or input: a restart would fail again
+
+
 def how_it_ended(returncode):
     if returncode < 0:
         return f"was killed by {signal.Signals(-returncode).name}"
+    if returncode == EXIT_USAGE:
+        return f"exited with code {returncode} (bad flags or input: not restarted)"
     return f"exited with code {returncode}"
 
 
 def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strategy=None,
-        data_workers=0, restart_failed=0):
+        data_workers=0, restart_failed=0, synchronous=False):
     """Runs the cluster; returns 0 if the chief, workers and evaluator all succeeded.
     `strategy`: what the first line says about --distribution_strategy. With `data_workers`,
     a tf.data service serves every training task's input; a data worker that dies is
     reported and training goes on with the others (the dispatcher hands its work on). A chief,
     worker or evaluator that exits abnormally or is killed is restarted with the same command
     and TF_CONFIG up to `restart_failed` times each; a ps task that dies, up to as many times,
-    restarts the whole job (the chief and workers resume from the last checkpoint)."""
+    restarts the whole job (the chief and workers resume from the last checkpoint).
+    `synchronous` (multi_worker_mirrored): the chief and workers are one collective group,
+    which cannot go on without any of its tasks nor take a restarted one back, so a chief or
+    worker that dies restarts all of them together (each counted against the restarts of the
+    one that died)."""
     cluster = cluster_spec(workers, ps)
     lock = threading.Lock()
     print(f"cluster: {json.dumps(cluster)}" + (f"; {strategy}" if strategy else "")
-          + (f"; a tf.data service with {data_workers} workers" if data_workers else ""),
+          + (f"; a tf.data service with {data_workers} worker{'s' if data_workers > 1 else ''}"
+             if data_workers else ""),
           flush=True)
     data = []
     if data_workers:
@@ -198,7 +211,7 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
                 rc = t.poll()
                 if rc is None:
                     continue
-                if t.restarts < restart_failed:
+                if t.restarts < restart_failed and rc != EXIT_USAGE:
                     # Parameter-server training cannot go on without its variables: the whole
                     # job (ps, chief, workers) starts again from the last checkpoint; the
                     # evaluator, which needs no ps, goes on.
@@ -214,11 +227,26 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
                         x.restart(counted=False)
                     ps_restarted = True
                 else:
-                    failed = f"{t.name} exited on its own with code {rc}"
+                    failed = f"{t.name} {how_it_ended(rc)}"
             for t in trainers if not ps_restarted and failed is None else []:
                 rc = t.poll()
                 if rc not in (None, 0):
-                    if t.restarts < restart_failed:
+                    if rc == EXIT_USAGE:
+                        failed = f"{t.name} {how_it_ended(rc)}"
+                    elif synchronous and t.kind in ("chief", "worker") and (
+                            t.restarts < restart_failed):
+                        print(f"[launcher] {t.name} {how_it_ended(rc)}; restarting the chief "
+                              f"and workers together (multi_worker_mirrored: the group cannot "
+                              f"go on without it), from the last checkpoint ({t.restarts + 1} "
+                              f"of {restart_failed})", flush=True)
+                        group = [x for x in trainers if x.kind in ("chief", "worker")]
+                        for x in group:  # blocked in collectives: no checkpoint to wait for
+                            if x is not t and x.poll() is None:
+                                x.stop(grace=0.0)
+                        for x in group:
+                            x.restart(counted=x is t)
+                        break
+                    elif t.restarts < restart_failed:
                         print(f"[launcher] {t.name} {how_it_ended(rc)}; restarting it with the "
                               f"same command and TF_CONFIG ({t.restarts + 1} of "
                               f"{restart_failed})", flush=True)
@@ -274,21 +302,25 @@ def main(argv):
     train_args = argv[1:]
     if not train_args:
         raise app.UsageError("give train.py's flags after --")
-    if FLAGS.workers < 0 or FLAGS.ps < 0:
+    given = strategy_in(train_args)
+    ps = FLAGS.ps
+    if not FLAGS["ps"].present and given == "multi_worker_mirrored":
+        ps = 0
+    if FLAGS.workers < 0 or ps < 0:
         raise app.UsageError("--workers and --ps must be >= 0")
     # The cluster's shape says which strategy is meant; it goes first, so that a
     # --distribution_strategy among train.py's flags (or in a --flagfile) still wins.
-    default = "parameter_server" if FLAGS.ps else "multi_worker_mirrored"
-    given = strategy_in(train_args)
+    default = "parameter_server" if ps else "multi_worker_mirrored"
     if given:
         strategy = f"strategy {given} (train.py's flags)"
     else:
-        strategy = (f"strategy {default} (implied by --ps={FLAGS.ps})" if FLAGS.ps
+        strategy = (f"strategy {default} (implied by --ps={ps})" if ps
                     else f"strategy {default} (no ps tasks)")
     train_args = [f"--distribution_strategy={default}", *train_args]
-    sys.exit(run(train_args, FLAGS.workers, FLAGS.ps, FLAGS.evaluator, FLAGS.timeout,
+    sys.exit(run(train_args, FLAGS.workers, ps, FLAGS.evaluator, FLAGS.timeout,
                  strategy=strategy, data_workers=FLAGS.data_workers,
-                 restart_failed=FLAGS.restart_failed))
+                 restart_failed=FLAGS.restart_failed,
+                 synchronous=(given or default) == "multi_worker_mirrored"))
 
 
 if __name__ == "__main__":

@@ -49,64 +49,6 @@ def eval_events(model_dir):
     return out
 
 
-@pytest.mark.parametrize("strategy, ps", [("parameter_server", 1),
-                                          ("multi_worker_mirrored", 0)])
-def test_cluster_on_loopback(strategy, ps, data_dir, tmp_path):
-    """chief + worker (+ ps) + evaluator, each a train.py process with its TF_CONFIG."""
-    model_dir = str(tmp_path / "cluster")
-    # Estimator starts a parameter-server worker 5 s after the chief: the chief must still be
-    # training then (20 steps took it under 2 s on a quiet machine, and the worker got none).
-    steps = 100 if ps else 20
-    # The parameter-server run leaves --distribution_strategy to the launcher's default for
-    # a cluster with ps tasks.
-    strategy_flag = [] if ps else [f"--distribution_strategy={strategy}"]
-    # The synchronous run reads its training input from a tf.data service of two workers.
-    data_workers = 0 if ps else 2
-    r = run_script("launch_local_cluster.py", "--workers=1", f"--ps={ps}", "--timeout=280",
-                   f"--data_workers={data_workers}", "--", *strategy_flag,
-                   f"--model_dir={model_dir}",
-                   f"--data_dir={data_dir}", "--batch_size=8", "--learning_rate=0.01",
-                   f"--train_steps={steps}", f"--eval_every_steps={steps // 2}",
-                   "--eval_steps=1", *COMMON)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-3000:]
-    assert "cluster finished: all tasks succeeded" in out
-    if ps:
-        assert re.search(r"^ps:0 +stopped", out, re.M), out[-2000:]
-    for task in ("chief", "worker:0", "evaluator"):
-        assert re.search(rf"^{task} +0 ", out, re.M), out[-2000:]
-    first = out.splitlines()[0]
-    assert first.startswith("cluster: {") and (
-        "strategy parameter_server (implied by --ps=1)" in first if ps
-        else f"strategy {strategy} (train.py's flags)" in first), first
-    if data_workers:
-        assert first.endswith("; a tf.data service with 2 workers"), first
-        for task in ("dispatcher", "data_worker:0", "data_worker:1"):
-            assert re.search(rf"^{task} +stopped ", out, re.M), out[-2000:]
-        with open(os.path.join(model_dir, "config.json")) as f:
-            assert json.load(f)["data_service_address"].startswith("grpc://127.0.0.1:")
-    # One console line per evaluation, from the task that evaluates.
-    assert re.search(r"^\[evaluator\] evaluation at step \d+: top-1", out, re.M), out[-2000:]
-    # The worker trained (Estimator starts parameter-server workers 5 s after the chief, so on
-    # 2 cores it may only get a few of the steps): its full log, a file of its own, says so.
-    logs = {re.sub(r"^train-\d{8}-\d{6}-?", "", f): os.path.join(model_dir, "logs", f)
-            for f in os.listdir(os.path.join(model_dir, "logs"))}
-    assert sorted(logs) == sorted(["chief-0.log", "worker-0.log", "evaluator-0.log"]
-                                  + (["ps-0.log"] if ps else [])), logs
-    with open(logs["worker-0.log"]) as f:
-        assert "Loss for final step" in f.read()
-    # The model_dir has the chief's files only, and the tasks' logs.
-    assert sorted(os.listdir(model_dir)) == sorted(
-        ["checkpoint", "config.json", "eval", "logs"]
-        + [f for f in os.listdir(model_dir) if f.startswith(("model.ckpt-", "events."))])
-    final = tf.train.latest_checkpoint(model_dir)
-    step = int(final.rsplit("-", 1)[1])
-    # Asynchronous: each of the 2 training tasks may finish one step past the target.
-    assert steps <= step <= (steps + 2 if ps else steps), final
-    events = eval_events(model_dir)
-    assert max(events) == step and "accuracy" in events[step], events
-
-
 def test_mirrored_matches_one_device_with_the_same_global_batch(trained_model_dir, data_dir,
                                                                tmp_path):
     """Two logical CPU replicas of 4 images vs one device with 8, from the same weights, batch
@@ -382,6 +324,10 @@ def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
             launcher.wait(60)
     out = out_path.read_text()
     assert "cluster finished: all tasks succeeded" in out
+    # train.py's flags leave --distribution_strategy to the launcher's default for --ps=1
+    first = out.splitlines()[0]
+    assert first.startswith("cluster: {") and first.endswith(
+        "; strategy parameter_server (implied by --ps=1)"), first
     for task, restarts in (("chief", 2), ("worker:0", 1), ("evaluator", 1)):
         assert re.search(rf"^{re.escape(task)} +0 +[\d.]+ +{restarts}$", out, re.M), out[-2000:]
     assert re.search(r"^ps:0 +stopped +[\d.]+ +1$", out, re.M), out[-2000:]
@@ -396,10 +342,21 @@ def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
     final = int(tf.train.latest_checkpoint(model_dir).rsplit("-", 1)[1])
-    assert final >= steps
+    # Asynchronous: each of the 2 training tasks may finish one step past the target.
+    assert steps <= final <= steps + 2
     assert max(eval_events(model_dir)) == final
     with open(os.path.join(model_dir, "config.json")) as f:
         assert f.read() == config
+    # The model_dir has the chief's files only, the evaluator's evaluations and exports, and
+    # each task's log, a file per start; the worker's last one shows that it trained.
+    assert sorted(os.listdir(model_dir)) == sorted(
+        ["checkpoint", "config.json", "eval", "export", "logs"]
+        + [f for f in os.listdir(model_dir) if f.startswith(("model.ckpt-", "events."))])
+    logs = sorted(os.listdir(os.path.join(model_dir, "logs")))
+    assert {re.sub(r"^train-\d{8}-\d{6}-?", "", f) for f in logs} == {
+        "chief-0.log", "worker-0.log", "evaluator-0.log", "ps-0.log"}, logs
+    with open(os.path.join(model_dir, "logs", [f for f in logs if "worker" in f][-1])) as f:
+        assert "Loss for final step" in f.read()
     assert not os.path.exists(os.path.join(model_dir, guard.LOCK_FILE))
     # The best export (BestExporter, whose record of the best survived the evaluator's
     # restart in the evaluation events) holds the weights of a best-scoring evaluation.
@@ -418,3 +375,129 @@ def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
         except OSError:  # exited while we looked
             pass
     assert not left, left
+
+
+def test_multi_worker_mirrored_group_restarts_when_a_task_dies_or_hangs(data_dir, tmp_path):
+    """multi_worker_mirrored, chief + 1 worker + evaluator, reading training input from a
+    tf.data service worker, launch_local_cluster.py --restart_failed 1. TensorFlow 2.15's
+    collectives cannot go on without a task nor take a restarted one back, so the launcher
+    restarts the chief and worker together when either dies: SIGKILL to the worker. Then the
+    worker is frozen (SIGSTOP: a node that hangs rather than dies): the chief's collectives
+    wait for it, and --collective_timeout turns that wait into exit code 75 with an
+    explanation, after which the group restarts again. Each restart resumes from the last
+    checkpoint past step 0; the job reaches its step with every listed checkpoint readable
+    (a restarted worker's Saver deleted the chief's oldest listed checkpoint before
+    distribution.WorkerSaver), the final step evaluated, and no process left behind."""
+    model_dir = str(tmp_path / "mwms")
+    out_path = tmp_path / "launcher.out"
+    steps = 200
+    with open(out_path, "w") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "scripts", "launch_local_cluster.py"),
+             "--workers=1", "--restart_failed=1", "--data_workers=1", "--timeout=400", "--",
+             "--distribution_strategy=multi_worker_mirrored", "--collective_timeout=30",
+             f"--model_dir={model_dir}", f"--data_dir={data_dir}", "--batch_size=8",
+             "--learning_rate=0.01", f"--train_steps={steps}", "--eval_every_steps=200",
+             "--save_checkpoints_steps=40", "--keep_checkpoint_max=3", "--eval_steps=1", *COMMON,
+             "--log_every_steps=10"],
+            env={**os.environ, "PYTHONPATH": ROOT},
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_for(pattern, seconds=150):
+        deadline = time.time() + seconds
+        while time.time() < deadline and launcher.poll() is None:
+            found = re.findall(pattern, out_path.read_text(), re.M)
+            if found:
+                return found
+            time.sleep(0.3)
+        raise AssertionError(f"no {pattern!r}: {out_path.read_text()[-3000:]}")
+
+    def signal_task(task, signum):
+        pid = int(re.findall(rf"^\[launcher\] {re.escape(task)} pid (\d+)$",
+                             out_path.read_text(), re.M)[-1])
+        os.kill(pid, signum)
+
+    def wait_for_training_past_a_new_checkpoint(previous):
+        """The chief trains on from a checkpoint past `previous` (a step); returns its step."""
+        deadline = time.time() + 150
+        while time.time() < deadline and launcher.poll() is None:
+            latest = tf.train.latest_checkpoint(model_dir)
+            saved = int(latest.rsplit("-", 1)[1]) if latest else 0
+            steps_seen = [int(s) for s in re.findall(r"^\[chief\] step (\d+)/",
+                                                     out_path.read_text(), re.M)]
+            if saved > previous and steps_seen and steps_seen[-1] > saved:
+                return saved
+            time.sleep(0.3)
+        raise AssertionError(f"no training past step {previous}: {out_path.read_text()}")
+
+    try:
+        saved = wait_for_training_past_a_new_checkpoint(0)
+        signal_task("worker:0", signal.SIGKILL)
+        wait_for(r"^\[launcher\] worker:0 was killed by SIGKILL; restarting the chief and "
+                 r"workers together \(multi_worker_mirrored.*\(1 of 1\)$")
+        wait_for_training_past_a_new_checkpoint(saved)
+        signal_task("worker:0", signal.SIGSTOP)
+        wait_for(r"^\[chief\] .*no training step for \d+ s \(--collective_timeout=30\)")
+        wait_for(r"^\[launcher\] chief exited with code 75; restarting the chief and "
+                 r"workers together .*\(1 of 1\)$")
+        assert launcher.wait(300) == 0, out_path.read_text()[-4000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(60)
+    out = out_path.read_text()
+    assert "cluster finished: all tasks succeeded" in out
+    first = out.splitlines()[0]
+    assert first.startswith("cluster: {") and '"ps"' not in first and first.endswith(
+        "strategy multi_worker_mirrored (train.py's flags); a tf.data service with 1 "
+        "worker"), first
+    for task, restarts in (("chief", 1), ("worker:0", 1), ("evaluator", 0)):
+        assert re.search(rf"^{re.escape(task)} +0 +[\d.]+ +{restarts}$", out, re.M), out[-2000:]
+    for task in ("dispatcher", "data_worker:0"):
+        assert re.search(rf"^{task} +stopped ", out, re.M), out[-2000:]
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert json.load(f)["data_service_address"].startswith("grpc://127.0.0.1:")
+    # Both group restarts resumed from a checkpoint past step 0.
+    resumed = re.findall(r"^\[chief\] .*resuming from step ([\d,]+)", out, re.M)
+    assert len(resumed) == 2 and all(int(s.replace(",", "")) > 0 for s in resumed), resumed
+    # One console line per evaluation, from the task that evaluates.
+    assert re.search(r"^\[evaluator\] evaluation at step \d+: top-1", out, re.M), out[-2000:]
+    state = tf.train.get_checkpoint_state(model_dir)
+    for path in state.all_model_checkpoint_paths:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    final = int(tf.train.latest_checkpoint(model_dir).rsplit("-", 1)[1])
+    assert final == steps
+    assert max(eval_events(model_dir)) == final
+    # The chief's files, the evaluations, the tasks' logs: no worker's tmp_worker_0 copy left.
+    assert sorted(os.listdir(model_dir)) == sorted(
+        ["checkpoint", "config.json", "eval", "logs"]
+        + [f for f in os.listdir(model_dir) if f.startswith(("model.ckpt-", "events."))])
+    left = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                if model_dir.encode() in f.read():
+                    left.append(cmdline)
+        except OSError:
+            pass
+    assert not left, left
+
+
+def test_launcher_does_not_restart_a_task_refused_for_bad_flags(tmp_path):
+    """Exit code 2 (bad flags or input) would repeat on every restart: the cluster fails at
+    once, whatever --restart_failed says. Also: multi_worker_mirrored among train.py's flags
+    makes --ps default to 0."""
+    r = run_script("launch_local_cluster.py", "--workers=1", "--restart_failed=2",
+                   "--timeout=120", "--", "--distribution_strategy=multi_worker_mirrored",
+                   f"--model_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'none'}")
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    first = out.splitlines()[0]
+    assert '"ps"' not in first and "strategy multi_worker_mirrored" in first, first
+    assert "restarting" not in out, out
+    assert re.search(r"^cluster failed: (chief|worker:0|evaluator) exited with code 2 \(bad "
+                     r"flags or input: not restarted\)$", out, re.M), out
+    assert "--data_dir" in out, out
+    assert not os.path.exists(tmp_path / "run" / "config.json")

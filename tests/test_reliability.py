@@ -350,3 +350,41 @@ def test_internal_errors_are_not_reported_as_bad_flags(data_dir, tmp_path):
     assert "Traceback (most recent call last)" in r.stderr
     assert "ValueError: internal bug" in r.stderr
     assert "error: internal bug" not in r.stderr
+
+
+STALLED_SESSION = """
+import sys, time
+import tensorflow as tf
+from estimator_mnv2 import guard
+v1 = tf.compat.v1
+v1.disable_eager_execution()
+step = v1.train.get_or_create_global_step()
+queue = v1.FIFOQueue(1, tf.float32)
+take = queue.dequeue()  # with the queue empty, blocks like a collective waiting for a dead task
+ops = [v1.assign_add(step, 1)]
+watchdog = guard.StallWatchdog(float(sys.argv[1]), "the test's queue stays empty",
+                               sys.argv[2])
+with v1.train.MonitoredSession(hooks=[watchdog]) as session:
+    for _ in range(3):
+        session.run(ops)  # steps keep the watchdog quiet...
+        time.sleep(float(sys.argv[1]) / 2)
+    print("stalling", flush=True)
+    session.run(take)  # ... until one never completes
+print("the watchdog let a stalled session go on")
+"""
+
+
+def test_stalled_training_exits_75_with_an_explanation(tmp_path):
+    """guard.StallWatchdog (multi_worker_mirrored's --collective_timeout): a session.run that
+    never returns ends the process with exit code 75 and a line that says why and where the
+    last checkpoint is, while steps that keep coming, even slower than a few timeouts in
+    total, do not."""
+    r = subprocess.run([sys.executable, "-c", STALLED_SESSION, "2", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    out = r.stdout + r.stderr
+    assert r.returncode == guard.EXIT_STALLED == 75, out[-3000:]
+    assert "stalling" in r.stdout and "let a stalled session go on" not in out, out[-3000:]
+    assert re.search(r"no training step for [2-9] s \(--collective_timeout=2\): the test's "
+                     r"queue stays empty\. Exiting with code 75 .* from the last checkpoint "
+                     r"\(none yet\)", out), out[-3000:]
