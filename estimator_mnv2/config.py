@@ -216,8 +216,9 @@ class Config:
         need(self.distribution_strategy in STRATEGIES, "distribution_strategy",
              f"unknown strategy {self.distribution_strategy!r}; known: {', '.join(STRATEGIES)}")
         need(self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")
-        need(self.collective_timeout >= 0, "collective_timeout",
-             f"must be >= 0 seconds (0: no limit), got {self.collective_timeout}")
+        need(self.collective_timeout == 0 or self.collective_timeout >= 10,
+             "collective_timeout", f"must be 0 (no limit) or at least 10 seconds (a session "
+             f"takes seconds to create), got {self.collective_timeout}")
         need(0 <= self.num_cpu_devices <= 64, "num_cpu_devices",
              f"must be in 0..64, got {self.num_cpu_devices}")
         need(self.precision in PRECISIONS, "precision",

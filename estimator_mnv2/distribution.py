@@ -79,8 +79,10 @@ class WorkerSaver(tf.compat.v1.train.Saver):
 
 def training_scaffold(cfg: Config):
     """The training Scaffold: a WorkerSaver (with Estimator's default Saver's settings) on a
-    multi_worker_mirrored worker that is not the chief; None (Estimator's default) elsewhere."""
-    if cfg.distribution_strategy != "multi_worker_mirrored" or task()[0] != "worker":
+    multi_worker_mirrored worker of a cluster with a chief; None (Estimator's) elsewhere."""
+    # In a cluster without a chief, worker 0 is TensorFlow's chief and keeps its list.
+    if (cfg.distribution_strategy != "multi_worker_mirrored" or task()[0] != "worker"
+            or not (tf_config().get("cluster") or {}).get("chief")):
         return None
     return tf.compat.v1.train.Scaffold(saver=WorkerSaver(
         sharded=True, max_to_keep=cfg.keep_checkpoint_max, defer_build=True,

@@ -141,6 +141,7 @@ class StallWatchdog(v1.train.SessionRunHook):
 
     def begin(self):
         self._last = time.time()
+        self._done.clear()
         threading.Thread(target=self._watch, name="stall-watchdog", daemon=True).start()
 
     def after_create_session(self, session, coord):
@@ -150,17 +151,25 @@ class StallWatchdog(v1.train.SessionRunHook):
         self._last = time.time()
 
     def end(self, session):
+        self.disarm()
+
+    def disarm(self):
+        """No more exits: training ended (end()) or failed (the caller's finally)."""
         self._done.set()
 
     def _watch(self):
         while not self._done.wait(min(5.0, self._timeout / 4)):
             idle = time.time() - self._last
             if idle > self._timeout:
+                try:
+                    latest = tf.train.latest_checkpoint(self._model_dir) or "none yet"
+                except (tf.errors.OpError, OSError) as e:  # a remote model_dir, unreachable
+                    latest = f"model_dir unreadable: {e}"
                 console.warn(
                     "no training step for %.0f s (--collective_timeout=%d): %s. Exiting with "
                     "code %d so that the chief and workers restart together; they resume "
                     "from the last checkpoint (%s)", idle, self._timeout, self._what,
-                    EXIT_STALLED, tf.train.latest_checkpoint(self._model_dir) or "none yet")
+                    EXIT_STALLED, latest)
                 py_logging.shutdown()  # flushes the console and the log file
                 sys.stdout.flush()
                 os._exit(EXIT_STALLED)

@@ -195,11 +195,13 @@ def fit(cfg: Config, warm_start_from=None):
                                           shard=distribution.input_shard(estimator.config))
     stop = guard.StopOnSignalHook()
     train_hooks = [stop]
+    watchdog = None
     if (cfg.distribution_strategy == "multi_worker_mirrored" and cfg.collective_timeout
             and distribution.task()[0] in distribution.TRAINING_TASKS):
-        train_hooks.append(guard.StallWatchdog(
+        watchdog = guard.StallWatchdog(
             cfg.collective_timeout, "a task of the multi_worker_mirrored group is gone or "
-            "never came (TensorFlow's collectives wait for it forever)", cfg.model_dir))
+            "never came (TensorFlow's collectives wait for it forever)", cfg.model_dir)
+        train_hooks.append(watchdog)
     try:
         result_best = None
         if cfg.mode == "train":
@@ -263,6 +265,8 @@ def fit(cfg: Config, warm_start_from=None):
             raise
         raise guard.TrainingError(_not_examples(cfg)) from None
     finally:
+        if watchdog is not None:  # an error (its handling may take long) is not a stall
+            watchdog.disarm()
         metrics.finish_analysis()  # the evaluation images drawn in the background
         if distribution.is_chief():
             guard.release_lock(cfg.model_dir)

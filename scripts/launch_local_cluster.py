@@ -36,7 +36,8 @@ flags.DEFINE_integer("restart_failed", 0, "Restart a chief, worker or evaluator 
                      "many times each (as a cluster manager would); a ps task that dies "
                      "restarts the whole job from the last checkpoint, and so does a chief or "
                      "worker of multi_worker_mirrored (its collective group restarts "
-                     "together).")
+                     "together, up to this many times in all). A task that exits with code 2 "
+                     "(bad flags or input) is not restarted.")
 flags.DEFINE_integer("data_workers", 0, "Also start a tf.data service dispatcher and this many "
                      "workers (scripts/data_service.py) on loopback; every training task reads "
                      "its training input from them (--data_service_address).")
@@ -174,8 +175,8 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
     restarts the whole job (the chief and workers resume from the last checkpoint).
     `synchronous` (multi_worker_mirrored): the chief and workers are one collective group,
     which cannot go on without any of its tasks nor take a restarted one back, so a chief or
-    worker that dies restarts all of them together (each counted against the restarts of the
-    one that died)."""
+    worker that dies restarts all of them together, up to `restart_failed` times for the
+    group (the exit table counts each process's restarts)."""
     cluster = cluster_spec(workers, ps)
     lock = threading.Lock()
     print(f"cluster: {json.dumps(cluster)}" + (f"; {strategy}" if strategy else "")
@@ -194,6 +195,7 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
     tasks = data + servers + trainers
     lost = set()  # data workers that died: reported once
     failed = None
+    group_restarts = 0  # multi_worker_mirrored: restarts of the chief and workers together
     interrupted = []
     previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
@@ -233,26 +235,33 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
                 if rc not in (None, 0):
                     if rc == EXIT_USAGE:
                         failed = f"{t.name} {how_it_ended(rc)}"
-                    elif synchronous and t.kind in ("chief", "worker") and (
-                            t.restarts < restart_failed):
+                        break
+                    if synchronous and t.kind in ("chief", "worker"):
+                        if group_restarts >= restart_failed:
+                            failed = f"{t.name} {how_it_ended(rc)}"
+                            break
+                        # One budget for the group: a task that hangs makes the others exit
+                        # (--collective_timeout), so the one seen first is not the culprit.
+                        group_restarts += 1
                         print(f"[launcher] {t.name} {how_it_ended(rc)}; restarting the chief "
                               f"and workers together (multi_worker_mirrored: the group cannot "
-                              f"go on without it), from the last checkpoint ({t.restarts + 1} "
+                              f"go on without it), from the last checkpoint ({group_restarts} "
                               f"of {restart_failed})", flush=True)
                         group = [x for x in trainers if x.kind in ("chief", "worker")]
                         for x in group:  # blocked in collectives: no checkpoint to wait for
                             if x is not t and x.poll() is None:
                                 x.stop(grace=0.0)
                         for x in group:
-                            x.restart(counted=x is t)
+                            x.restart()
                         break
-                    elif t.restarts < restart_failed:
+                    if t.restarts < restart_failed:
                         print(f"[launcher] {t.name} {how_it_ended(rc)}; restarting it with the "
                               f"same command and TF_CONFIG ({t.restarts + 1} of "
                               f"{restart_failed})", flush=True)
                         t.restart()
                     else:
                         failed = f"{t.name} {how_it_ended(rc)}"
+                        break
             for t in data[:1]:
                 if t.poll() is not None:
                     failed = f"{t.name} exited on its own with code {t.proc.returncode}"

@@ -38,6 +38,25 @@ def tf_config(kind, index, workers=2, ps=1):
     return json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}})
 
 
+def processes_left(launcher_output, model_dir):
+    """Processes of a finished launch_local_cluster.py run still alive: every pid it started
+    (its `[launcher] task pid N` lines; pids reused by other programs are not counted) and
+    anything whose command line names the model_dir."""
+    left = []
+    pids = re.findall(r"^\[launcher\] \S+ pid (\d+)$", launcher_output, re.M)
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                command = f.read()
+        except OSError:  # exited while we looked
+            continue
+        pid = cmdline.split("/")[2]
+        if model_dir.encode() in command or (pid in pids and re.search(
+                rb"(train|data_service)\.py", command)):
+            left.append((pid, command.replace(b"\0", b" ")[:200]))
+    return left
+
+
 def eval_events(model_dir):
     """{step: {tag: value}} from the evaluation summaries in model_dir/eval."""
     out = {}
@@ -129,12 +148,56 @@ def test_distribution_flags_are_refused_before_writing(flags, message, data_dir,
     (dict(distribution_strategy="mirrored", num_gpus=64), "--num_gpus: asked for 64 GPUs"),
     (dict(distribution_strategy="ring"), "--distribution_strategy: unknown strategy 'ring'"),
     (dict(precision="float8"), "--precision: unknown precision 'float8'"),
+    (dict(collective_timeout=5), "--collective_timeout: must be 0 (no limit) or at least 10"),
 ])
 def test_distribution_settings_are_checked_first(overrides, message, data_dir, tmp_path):
     model_dir = str(tmp_path / "model")
     with pytest.raises(ValueError, match=re.escape(message)):
         runner.prepare_model_dir(tiny_config(model_dir, data_dir, **overrides))
     assert not os.path.exists(model_dir)
+
+
+def test_a_restarted_worker_keeps_its_hands_off_the_chiefs_checkpoints(tmp_path, monkeypatch):
+    """TensorFlow restores a multi_worker_mirrored worker from the chief's checkpoint and hands
+    its Saver the chief's list of checkpoints; a plain Saver then deletes the chief's oldest
+    files once the worker has saved --keep_checkpoint_max copies of its own. The worker's
+    Saver (distribution.training_scaffold) does not; only a worker of a cluster with a chief
+    gets it."""
+    chief_dir, worker_dir = tmp_path / "model", tmp_path / "model" / "tmp_worker_0"
+    def scaffold_for(task, cluster, strategy="multi_worker_mirrored"):
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+        return distribution.training_scaffold(Config(
+            train_files=["x"], eval_files=["x"], model_dir=str(chief_dir),
+            distribution_strategy=strategy, keep_checkpoint_max=2))
+
+    with_chief = {"chief": ["a:1"], "worker": ["b:1"]}
+    assert scaffold_for({"type": "chief", "index": 0}, with_chief) is None
+    assert scaffold_for({"type": "evaluator", "index": 0}, with_chief) is None
+    assert scaffold_for({"type": "worker", "index": 0}, {"worker": ["a:1", "b:1"]}) is None
+    assert scaffold_for({"type": "worker", "index": 0}, {**with_chief, "ps": ["c:1"]},
+                        "parameter_server") is None
+    for saver_class, chief_kept in ((v1.train.Saver, False), (None, True)):
+        with tf.Graph().as_default():
+            v1.Variable(1.0, name="w")
+            chief = v1.train.Saver(max_to_keep=5)
+            if saver_class is None:
+                scaffold = scaffold_for({"type": "worker", "index": 0}, with_chief)
+                worker = scaffold.saver
+                assert isinstance(worker, distribution.WorkerSaver)
+                worker.build()  # Scaffold.finalize does it in training
+            else:
+                worker = saver_class(max_to_keep=2)
+            with v1.Session() as session:
+                session.run(v1.global_variables_initializer())
+                chief_paths = [chief.save(session, str(chief_dir / "model.ckpt"), step)
+                               for step in (10, 20)]
+                worker.recover_last_checkpoints(chief_paths)  # what SessionManager does
+                for step in (20, 30, 40):
+                    worker.save(session, str(worker_dir / "model.ckpt"), step)
+        kept = [os.path.exists(p + ".index") for p in chief_paths]
+        assert kept == [chief_kept, chief_kept], (saver_class, kept)
+        for f in glob.glob(str(chief_dir / "model.ckpt-*")):
+            os.remove(f)
 
 
 def test_ps_cluster_with_the_wrong_strategy_is_refused(data_dir, tmp_path, monkeypatch):
@@ -365,22 +428,14 @@ def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
     best_step = int(tf.train.load_variable(os.path.join(best, "variables"), "global_step"))
     top = max(e["accuracy"] for e in evaluations.values())
     assert evaluations[best_step]["accuracy"] == top, (best_step, evaluations)
-    # No process of the cluster is left (each task's command line names the model_dir).
-    left = []
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            with open(cmdline, "rb") as f:
-                if model_dir.encode() in f.read():
-                    left.append(cmdline)
-        except OSError:  # exited while we looked
-            pass
-    assert not left, left
+    assert not processes_left(out, model_dir), processes_left(out, model_dir)
 
 
 def test_multi_worker_mirrored_group_restarts_when_a_task_dies_or_hangs(data_dir, tmp_path):
     """multi_worker_mirrored, chief + 1 worker + evaluator, reading training input from a
-    tf.data service worker, launch_local_cluster.py --restart_failed 1. TensorFlow 2.15's
-    collectives cannot go on without a task nor take a restarted one back, so the launcher
+    tf.data service worker, launch_local_cluster.py --restart_failed 2 (for the group).
+    TensorFlow 2.15's collectives cannot go on without a task nor take a restarted one back,
+    so the launcher
     restarts the chief and worker together when either dies: SIGKILL to the worker. Then the
     worker is frozen (SIGSTOP: a node that hangs rather than dies): the chief's collectives
     wait for it, and --collective_timeout turns that wait into exit code 75 with an
@@ -394,12 +449,12 @@ def test_multi_worker_mirrored_group_restarts_when_a_task_dies_or_hangs(data_dir
     with open(out_path, "w") as out:
         launcher = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "scripts", "launch_local_cluster.py"),
-             "--workers=1", "--restart_failed=1", "--data_workers=1", "--timeout=400", "--",
+             "--workers=1", "--restart_failed=2", "--data_workers=1", "--timeout=400", "--",
              "--distribution_strategy=multi_worker_mirrored", "--collective_timeout=30",
              f"--model_dir={model_dir}", f"--data_dir={data_dir}", "--batch_size=8",
              "--learning_rate=0.01", f"--train_steps={steps}", "--eval_every_steps=200",
              "--save_checkpoints_steps=40", "--keep_checkpoint_max=3", "--eval_steps=1", *COMMON,
-             "--log_every_steps=10"],
+             "--log_every_steps=10", "--export_during_training"],
             env={**os.environ, "PYTHONPATH": ROOT},
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -434,12 +489,12 @@ def test_multi_worker_mirrored_group_restarts_when_a_task_dies_or_hangs(data_dir
         saved = wait_for_training_past_a_new_checkpoint(0)
         signal_task("worker:0", signal.SIGKILL)
         wait_for(r"^\[launcher\] worker:0 was killed by SIGKILL; restarting the chief and "
-                 r"workers together \(multi_worker_mirrored.*\(1 of 1\)$")
+                 r"workers together \(multi_worker_mirrored.*\(1 of 2\)$")
         wait_for_training_past_a_new_checkpoint(saved)
         signal_task("worker:0", signal.SIGSTOP)
         wait_for(r"^\[chief\] .*no training step for \d+ s \(--collective_timeout=30\)")
         wait_for(r"^\[launcher\] chief exited with code 75; restarting the chief and "
-                 r"workers together .*\(1 of 1\)$")
+                 r"workers together .*\(2 of 2\)$")
         assert launcher.wait(300) == 0, out_path.read_text()[-4000:]
     finally:
         if launcher.poll() is None:
@@ -451,7 +506,8 @@ def test_multi_worker_mirrored_group_restarts_when_a_task_dies_or_hangs(data_dir
     assert first.startswith("cluster: {") and '"ps"' not in first and first.endswith(
         "strategy multi_worker_mirrored (train.py's flags); a tf.data service with 1 "
         "worker"), first
-    for task, restarts in (("chief", 1), ("worker:0", 1), ("evaluator", 0)):
+    # Two group restarts, out of one budget of 2 for the group: each process restarted twice.
+    for task, restarts in (("chief", 2), ("worker:0", 2), ("evaluator", 0)):
         assert re.search(rf"^{re.escape(task)} +0 +[\d.]+ +{restarts}$", out, re.M), out[-2000:]
     for task in ("dispatcher", "data_worker:0"):
         assert re.search(rf"^{task} +stopped ", out, re.M), out[-2000:]
@@ -470,19 +526,25 @@ def test_multi_worker_mirrored_group_restarts_when_a_task_dies_or_hangs(data_dir
     final = int(tf.train.latest_checkpoint(model_dir).rsplit("-", 1)[1])
     assert final == steps
     assert max(eval_events(model_dir)) == final
-    # The chief's files, the evaluations, the tasks' logs: no worker's tmp_worker_0 copy left.
+    # The chief's files, the evaluations and exports, the tasks' logs: no worker's
+    # tmp_worker_0 copy left.
     assert sorted(os.listdir(model_dir)) == sorted(
-        ["checkpoint", "config.json", "eval", "logs"]
+        ["checkpoint", "config.json", "eval", "export", "logs"]
         + [f for f in os.listdir(model_dir) if f.startswith(("model.ckpt-", "events."))])
-    left = []
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            with open(cmdline, "rb") as f:
-                if model_dir.encode() in f.read():
-                    left.append(cmdline)
-        except OSError:
-            pass
-    assert not left, left
+    logs = sorted(os.listdir(os.path.join(model_dir, "logs")))
+    assert {re.sub(r"^train-\d{8}-\d{6}-?", "", f) for f in logs} == {
+        "chief-0.log", "worker-0.log", "evaluator-0.log"}, logs
+    with open(os.path.join(model_dir, "logs", [f for f in logs if "worker" in f][-1])) as f:
+        assert "Loss for final step" in f.read()
+    # The best export holds the weights of a best-scoring evaluation.
+    evaluations = eval_events(model_dir)
+    assert "accuracy" in evaluations[final], evaluations
+    (best,) = glob.glob(os.path.join(model_dir, "export", "best", "*", "variables"))
+    best_step = int(tf.train.load_variable(os.path.join(best, "variables"), "global_step"))
+    top = max(e["accuracy"] for e in evaluations.values())
+    assert evaluations[best_step]["accuracy"] == top, (best_step, evaluations)
+    # No process left: the tasks, the dispatcher and the data worker.
+    assert not processes_left(out, model_dir), processes_left(out, model_dir)
 
 
 def test_launcher_does_not_restart_a_task_refused_for_bad_flags(tmp_path):

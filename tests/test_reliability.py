@@ -368,9 +368,11 @@ with v1.train.MonitoredSession(hooks=[watchdog]) as session:
     for _ in range(3):
         session.run(ops)  # steps keep the watchdog quiet...
         time.sleep(float(sys.argv[1]) / 2)
-    print("stalling", flush=True)
-    session.run(take)  # ... until one never completes
-print("the watchdog let a stalled session go on")
+    if sys.argv[3] == "stall":
+        print("stalling", flush=True)
+        session.run(take)  # ... until one never completes
+time.sleep(3 * float(sys.argv[1]))  # after the session's end, a long pause is no stall
+print("finished")
 """
 
 
@@ -378,13 +380,18 @@ def test_stalled_training_exits_75_with_an_explanation(tmp_path):
     """guard.StallWatchdog (multi_worker_mirrored's --collective_timeout): a session.run that
     never returns ends the process with exit code 75 and a line that says why and where the
     last checkpoint is, while steps that keep coming, even slower than a few timeouts in
-    total, do not."""
-    r = subprocess.run([sys.executable, "-c", STALLED_SESSION, "2", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": ROOT})
-    out = r.stdout + r.stderr
-    assert r.returncode == guard.EXIT_STALLED == 75, out[-3000:]
-    assert "stalling" in r.stdout and "let a stalled session go on" not in out, out[-3000:]
-    assert re.search(r"no training step for [2-9] s \(--collective_timeout=2\): the test's "
+    total, do not, nor does a pause after the session has ended."""
+    def run(how):
+        r = subprocess.run([sys.executable, "-c", STALLED_SESSION, "2", str(tmp_path), how],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": ROOT})
+        return r.returncode, r.stdout, r.stdout + r.stderr
+
+    rc, stdout, out = run("stall")
+    assert rc == guard.EXIT_STALLED == 75, out[-3000:]
+    assert "stalling" in stdout and "finished" not in stdout, out[-3000:]
+    assert re.search(r"no training step for \d+ s \(--collective_timeout=2\): the test's "
                      r"queue stays empty\. Exiting with code 75 .* from the last checkpoint "
                      r"\(none yet\)", out), out[-3000:]
+    rc, stdout, out = run("finish")  # the session ends: the watchdog with it
+    assert rc == 0 and "finished" in stdout and "no training step" not in out, out[-3000:]
