@@ -80,9 +80,10 @@ class WorkerSaver(tf.compat.v1.train.Saver):
 def training_scaffold(cfg: Config):
     """The training Scaffold: a WorkerSaver (with Estimator's default Saver's settings) on a
     multi_worker_mirrored worker of a cluster with a chief; None (Estimator's) elsewhere."""
-    # In a cluster without a chief, worker 0 is TensorFlow's chief and keeps its list.
+    # In a cluster without a chief (or master), worker 0 is TensorFlow's chief and keeps its
+    # list.
     if (cfg.distribution_strategy != "multi_worker_mirrored" or task()[0] != "worker"
-            or not (tf_config().get("cluster") or {}).get("chief")):
+            or not any((tf_config().get("cluster") or {}).get(t) for t in ("chief", "master"))):
         return None
     return tf.compat.v1.train.Scaffold(saver=WorkerSaver(
         sharded=True, max_to_keep=cfg.keep_checkpoint_max, defer_build=True,

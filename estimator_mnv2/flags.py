@@ -117,7 +117,7 @@ _HELP = {
                           "create, or that then completes no training step for as long, exits "
                           "with code 75 and says why: TensorFlow's collectives wait forever "
                           "for a task that died, and the group must restart together (0: "
-                          "wait forever).",
+                          "wait forever; otherwise at least 10).",
     "num_cpu_devices": "mirrored without GPUs: split the CPU into this many logical devices "
                        "(to try data parallelism on a laptop; no faster).",
     "precision": "Compute type: float32, bfloat16 or float16 (mixed precision, float32 "

@@ -203,33 +203,38 @@ def fit(cfg: Config, warm_start_from=None):
             "never came (TensorFlow's collectives wait for it forever)", cfg.model_dir)
         train_hooks.append(watchdog)
     try:
-        result_best = None
-        if cfg.mode == "train":
-            estimator.train(train_input, max_steps=cfg.max_steps, hooks=train_hooks)
-            result = None
-        elif in_memory_evaluation(cfg):
-            eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
-            result, result_best = _train_and_evaluate_in_memory(cfg, estimator, train_input,
-                                                                eval_input, stop)
-        else:
-            eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
-            cluster = bool(distribution.tf_config().get("cluster"))
-            exporters = export.training_exporters(cfg) if cfg.export_during_training else []
-            # One console line per evaluation, and the best (earlier runs' too).
-            evaluations = EvaluationLog(best_evaluation(cfg.model_dir))
-            exporters.append(evaluations)
-            # Each evaluation reads the checkpoint saved every eval_every_steps; throttle_secs=0
-            # lets every one of them be evaluated instead of one per 10 minutes. An evaluator
-            # task polls for new checkpoints every 5 s, not in a busy loop.
-            train_spec = tf.estimator.TrainSpec(train_input, max_steps=cfg.max_steps,
-                                                hooks=train_hooks)
-            eval_spec = tf.estimator.EvalSpec(eval_input, steps=cfg.eval_steps or None,
-                                              exporters=exporters, start_delay_secs=0,
-                                              throttle_secs=5 if cluster else 0)
-            out = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
-            result = printable_metrics(out[0]) if out and out[0] else None
-            # The evaluations of every process (a cluster's evaluator) and earlier runs.
-            result_best = best_evaluation(cfg.model_dir)
+        try:
+            result_best = None
+            if cfg.mode == "train":
+                estimator.train(train_input, max_steps=cfg.max_steps, hooks=train_hooks)
+                result = None
+            elif in_memory_evaluation(cfg):
+                eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
+                result, result_best = _train_and_evaluate_in_memory(cfg, estimator, train_input,
+                                                                    eval_input, stop)
+            else:
+                eval_input = input_lib.make_input_fn(cfg.eval_files, False, cfg)
+                cluster = bool(distribution.tf_config().get("cluster"))
+                exporters = export.training_exporters(cfg) if cfg.export_during_training else []
+                # One console line per evaluation, and the best (earlier runs' too).
+                evaluations = EvaluationLog(best_evaluation(cfg.model_dir))
+                exporters.append(evaluations)
+                # Each evaluation reads the checkpoint saved every eval_every_steps; throttle_secs=0
+                # lets every one of them be evaluated instead of one per 10 minutes. An evaluator
+                # task polls for new checkpoints every 5 s, not in a busy loop.
+                train_spec = tf.estimator.TrainSpec(train_input, max_steps=cfg.max_steps,
+                                                    hooks=train_hooks)
+                eval_spec = tf.estimator.EvalSpec(eval_input, steps=cfg.eval_steps or None,
+                                                  exporters=exporters, start_delay_secs=0,
+                                                  throttle_secs=5 if cluster else 0)
+                out = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+                result = printable_metrics(out[0]) if out and out[0] else None
+                # The evaluations of every process (a cluster's evaluator) and earlier runs.
+                result_best = best_evaluation(cfg.model_dir)
+        except BaseException:
+            if watchdog is not None:  # handling an error (finding a corrupt shard may take
+                watchdog.disarm()  # long) is not a stall
+            raise
     except v1.train.NanLossDuringTrainingError:
         raise guard.TrainingError(
             f"the loss became NaN or Inf; training stopped and the last good checkpoint "
@@ -265,8 +270,6 @@ def fit(cfg: Config, warm_start_from=None):
             raise
         raise guard.TrainingError(_not_examples(cfg)) from None
     finally:
-        if watchdog is not None:  # an error (its handling may take long) is not a stall
-            watchdog.disarm()
         metrics.finish_analysis()  # the evaluation images drawn in the background
         if distribution.is_chief():
             guard.release_lock(cfg.model_dir)

@@ -116,6 +116,7 @@ class Task:
         """SIGTERM (train.py then saves a checkpoint), SIGKILL after `grace` seconds (at once
         with 0)."""
         if self.proc.poll() is not None:
+            self.poll()  # its end time, and its last lines printed
             return
         self.proc.send_signal(signal.SIGTERM if grace else signal.SIGKILL)
         try:

@@ -174,6 +174,11 @@ def test_a_restarted_worker_keeps_its_hands_off_the_chiefs_checkpoints(tmp_path,
     assert scaffold_for({"type": "chief", "index": 0}, with_chief) is None
     assert scaffold_for({"type": "evaluator", "index": 0}, with_chief) is None
     assert scaffold_for({"type": "worker", "index": 0}, {"worker": ["a:1", "b:1"]}) is None
+    with tf.Graph().as_default():  # a Saver is a graph-mode thing
+        v1.Variable(1.0, name="w")
+        assert isinstance(scaffold_for({"type": "worker", "index": 0},
+                                       {"master": ["a:1"], "worker": ["b:1"]}).saver,
+                          distribution.WorkerSaver)
     assert scaffold_for({"type": "worker", "index": 0}, {**with_chief, "ps": ["c:1"]},
                         "parameter_server") is None
     for saver_class, chief_kept in ((v1.train.Saver, False), (None, True)):
