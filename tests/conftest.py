@@ -112,6 +112,16 @@ def keras_application(app, size, seed, **kwargs):
     return model
 
 
+def all_checkpoints_readable(model_dir):
+    """The steps of every checkpoint `checkpoint` lists, after reading every tensor of each."""
+    state = tf.train.get_checkpoint_state(model_dir)
+    for path in state.all_model_checkpoint_paths:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    return [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths]
+
+
 def run_script(name, *args, cwd=None):
     """Runs scripts/<name> as a user would: a fresh process, no stdin, in `cwd`."""
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}

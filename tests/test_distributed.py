@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import rewriter_config_pb2
 
-from conftest import ROOT, run_script, tiny_config
+from conftest import ROOT, all_checkpoints_readable, run_script, tiny_config
 from estimator_mnv2 import config as config_lib
 from estimator_mnv2 import distribution, guard, precision, runner
 from estimator_mnv2.config import Config
@@ -36,6 +36,45 @@ def tf_config(kind, index, workers=2, ps=1):
     cluster = {"chief": ["127.0.0.1:1"], "worker": [f"127.0.0.1:{2 + i}" for i in range(workers)],
                "ps": [f"127.0.0.1:{9 + i}" for i in range(ps)]}
     return json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}})
+
+
+class LauncherRun:
+    """scripts/launch_local_cluster.py with `args`, its output in `out_path`, for a test that
+    acts on its tasks while it runs."""
+
+    def __init__(self, out_path, *args):
+        self.out_path = out_path
+        with open(out_path, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "scripts", "launch_local_cluster.py"),
+                 *args], env={**os.environ, "PYTHONPATH": ROOT},
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def output(self):
+        return self.out_path.read_text()
+
+    def wait_for(self, pattern, seconds=150):
+        """re.findall(pattern) over the output once it finds something; fails after
+        `seconds` or when the launcher exits first."""
+        deadline = time.time() + seconds
+        while time.time() < deadline and self.proc.poll() is None:
+            found = re.findall(pattern, self.output(), re.M)
+            if found:
+                return found
+            time.sleep(0.3)
+        raise AssertionError(f"no {pattern!r}: {self.output()[-3000:]}")
+
+    def signal(self, task, signum=signal.SIGKILL):
+        """Sends `signum` to the latest process of `task` (its `[launcher] task pid N`)."""
+        pid = int(re.findall(rf"^\[launcher\] {re.escape(task)} pid (\d+)$", self.output(),
+                             re.M)[-1])
+        os.kill(pid, signum)
+
+    def stop(self):
+        """SIGTERM to a launcher still running (it stops its tasks)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
 
 
 def processes_left(launcher_output, model_dir):
@@ -330,31 +369,14 @@ def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
     as the first chief wrote it (the dead chief's lock did not block its restart), and no
     process of it left behind."""
     model_dir = str(tmp_path / "cluster")
-    out_path = tmp_path / "launcher.out"
     steps = 600  # enough that each task is still training when its turn comes
-    with open(out_path, "w") as out:
-        launcher = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "scripts", "launch_local_cluster.py"),
-             "--workers=1", "--ps=1", "--restart_failed=2", "--timeout=400", "--",
-             f"--model_dir={model_dir}", f"--data_dir={data_dir}", "--batch_size=8",
-             "--learning_rate=0.01", f"--train_steps={steps}", "--eval_every_steps=100",
-             "--eval_steps=1", *COMMON, "--log_every_steps=20", "--export_during_training"],
-            env={**os.environ, "PYTHONPATH": ROOT},
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def wait_for(pattern, seconds=150):
-        deadline = time.time() + seconds
-        while time.time() < deadline and launcher.poll() is None:
-            found = re.findall(pattern, out_path.read_text(), re.M)
-            if found:
-                return found
-            time.sleep(0.3)
-        raise AssertionError(f"no {pattern!r}: {out_path.read_text()[-3000:]}")
-
-    def kill(task, signum=signal.SIGKILL):
-        pid = int(re.findall(rf"^\[launcher\] {re.escape(task)} pid (\d+)$",
-                             out_path.read_text(), re.M)[-1])
-        os.kill(pid, signum)
+    launcher = LauncherRun(
+        tmp_path / "launcher.out", "--workers=1", "--ps=1", "--restart_failed=2",
+        "--timeout=400", "--", f"--model_dir={model_dir}", f"--data_dir={data_dir}",
+        "--batch_size=8", "--learning_rate=0.01", f"--train_steps={steps}",
+        "--eval_every_steps=100", "--eval_steps=1", *COMMON, "--log_every_steps=20",
+        "--export_during_training")
+    wait_for, kill = launcher.wait_for, launcher.signal
 
     try:
         wait_for(r"^\[worker:0\] step \d+/")
@@ -385,12 +407,10 @@ def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
         kill("ps:0")
         wait_for(r"^\[launcher\] ps:0 was killed by SIGKILL; restarting it and the chief and "
                  r"workers")
-        assert launcher.wait(400) == 0, out_path.read_text()[-4000:]
+        assert launcher.proc.wait(400) == 0, launcher.output()[-4000:]
     finally:
-        if launcher.poll() is None:
-            launcher.send_signal(signal.SIGTERM)
-            launcher.wait(60)
-    out = out_path.read_text()
+        launcher.stop()
+    out = launcher.output()
     assert "cluster finished: all tasks succeeded" in out
     # train.py's flags leave --distribution_strategy to the launcher's default for --ps=1
     first = out.splitlines()[0]
@@ -404,11 +424,7 @@ def test_parameter_server_cluster_survives_each_of_its_tasks_being_killed(
     assert re.search(r"^\[chief\] .*resuming from step [1-9]", after_ps, re.M), after_ps[:3000]
     # the restarted chief resumed from a checkpoint, not from step 0
     assert re.search(r"^\[chief\] .*resuming from step [1-9]", out, re.M), out[-3000:]
-    state = tf.train.get_checkpoint_state(model_dir)
-    for path in state.all_model_checkpoint_paths:  # every listed checkpoint reads back
-        reader = tf.train.load_checkpoint(path)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
+    assert all_checkpoints_readable(model_dir)  # every listed checkpoint reads back
     final = int(tf.train.latest_checkpoint(model_dir).rsplit("-", 1)[1])
     # Asynchronous: each of the 2 training tasks may finish one step past the target.
     assert steps <= final <= steps + 2
@@ -449,46 +465,28 @@ def test_multi_worker_mirrored_group_restarts_when_a_task_dies_or_hangs(data_dir
     (a restarted worker's Saver deleted the chief's oldest listed checkpoint before
     distribution.WorkerSaver), the final step evaluated, and no process left behind."""
     model_dir = str(tmp_path / "mwms")
-    out_path = tmp_path / "launcher.out"
     steps = 200
-    with open(out_path, "w") as out:
-        launcher = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "scripts", "launch_local_cluster.py"),
-             "--workers=1", "--restart_failed=2", "--data_workers=1", "--timeout=400", "--",
-             "--distribution_strategy=multi_worker_mirrored", "--collective_timeout=30",
-             f"--model_dir={model_dir}", f"--data_dir={data_dir}", "--batch_size=8",
-             "--learning_rate=0.01", f"--train_steps={steps}", "--eval_every_steps=200",
-             "--save_checkpoints_steps=40", "--keep_checkpoint_max=3", "--eval_steps=1", *COMMON,
-             "--log_every_steps=10", "--export_during_training"],
-            env={**os.environ, "PYTHONPATH": ROOT},
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def wait_for(pattern, seconds=150):
-        deadline = time.time() + seconds
-        while time.time() < deadline and launcher.poll() is None:
-            found = re.findall(pattern, out_path.read_text(), re.M)
-            if found:
-                return found
-            time.sleep(0.3)
-        raise AssertionError(f"no {pattern!r}: {out_path.read_text()[-3000:]}")
-
-    def signal_task(task, signum):
-        pid = int(re.findall(rf"^\[launcher\] {re.escape(task)} pid (\d+)$",
-                             out_path.read_text(), re.M)[-1])
-        os.kill(pid, signum)
+    launcher = LauncherRun(
+        tmp_path / "launcher.out", "--workers=1", "--restart_failed=2", "--data_workers=1",
+        "--timeout=400", "--", "--distribution_strategy=multi_worker_mirrored",
+        "--collective_timeout=30", f"--model_dir={model_dir}", f"--data_dir={data_dir}",
+        "--batch_size=8", "--learning_rate=0.01", f"--train_steps={steps}",
+        "--eval_every_steps=200", "--save_checkpoints_steps=40", "--keep_checkpoint_max=3",
+        "--eval_steps=1", *COMMON, "--log_every_steps=10", "--export_during_training")
+    wait_for, signal_task = launcher.wait_for, launcher.signal
 
     def wait_for_training_past_a_new_checkpoint(previous):
         """The chief trains on from a checkpoint past `previous` (a step); returns its step."""
         deadline = time.time() + 150
-        while time.time() < deadline and launcher.poll() is None:
+        while time.time() < deadline and launcher.proc.poll() is None:
             latest = tf.train.latest_checkpoint(model_dir)
             saved = int(latest.rsplit("-", 1)[1]) if latest else 0
             steps_seen = [int(s) for s in re.findall(r"^\[chief\] step (\d+)/",
-                                                     out_path.read_text(), re.M)]
+                                                     launcher.output(), re.M)]
             if saved > previous and steps_seen and steps_seen[-1] > saved:
                 return saved
             time.sleep(0.3)
-        raise AssertionError(f"no training past step {previous}: {out_path.read_text()}")
+        raise AssertionError(f"no training past step {previous}: {launcher.output()}")
 
     try:
         saved = wait_for_training_past_a_new_checkpoint(0)
@@ -500,12 +498,10 @@ def test_multi_worker_mirrored_group_restarts_when_a_task_dies_or_hangs(data_dir
         wait_for(r"^\[chief\] .*no training step for \d+ s \(--collective_timeout=30\)")
         wait_for(r"^\[launcher\] chief exited with code 75; restarting the chief and "
                  r"workers together .*\(2 of 2\)$")
-        assert launcher.wait(300) == 0, out_path.read_text()[-4000:]
+        assert launcher.proc.wait(300) == 0, launcher.output()[-4000:]
     finally:
-        if launcher.poll() is None:
-            launcher.send_signal(signal.SIGTERM)
-            launcher.wait(60)
-    out = out_path.read_text()
+        launcher.stop()
+    out = launcher.output()
     assert "cluster finished: all tasks succeeded" in out
     first = out.splitlines()[0]
     assert first.startswith("cluster: {") and '"ps"' not in first and first.endswith(
@@ -523,11 +519,7 @@ def test_multi_worker_mirrored_group_restarts_when_a_task_dies_or_hangs(data_dir
     assert len(resumed) == 2 and all(int(s.replace(",", "")) > 0 for s in resumed), resumed
     # One console line per evaluation, from the task that evaluates.
     assert re.search(r"^\[evaluator\] evaluation at step \d+: top-1", out, re.M), out[-2000:]
-    state = tf.train.get_checkpoint_state(model_dir)
-    for path in state.all_model_checkpoint_paths:
-        reader = tf.train.load_checkpoint(path)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
+    assert all_checkpoints_readable(model_dir)
     final = int(tf.train.latest_checkpoint(model_dir).rsplit("-", 1)[1])
     assert final == steps
     assert max(eval_events(model_dir)) == final

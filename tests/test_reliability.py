@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import ROOT, run_script, tiny_config
+from conftest import ROOT, all_checkpoints_readable, run_script, tiny_config
 from estimator_mnv2 import guard, runner
 from estimator_mnv2.data import input_fn as input_lib
 from estimator_mnv2.data import preprocessing, schema
@@ -45,16 +45,6 @@ def wait_for_step(model_dir, step, proc, timeout=120):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.2)
     raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
-
-
-def all_checkpoints_readable(model_dir):
-    """The steps of every checkpoint `checkpoint` lists, after reading every tensor of each."""
-    state = tf.train.get_checkpoint_state(model_dir)
-    for path in state.all_model_checkpoint_paths:
-        reader = tf.train.load_checkpoint(path)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
-    return [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C
