@@ -135,11 +135,12 @@ class Config:
                   for k, v in params.items() if k in fields}
         return cls(**values)
 
-    def resolve_network(self):
+    def resolve_network(self, model_dir=None):
         """The nets.Network of --network; ConfigError naming --network if it does not
-        resolve (e.g. a model_dir's config.json naming a module that no longer imports)."""
+        resolve (e.g. a model_dir's config.json naming a module that no longer imports). A
+        module inside the model_dir (this config's, or `model_dir`) is never imported."""
         try:
-            return nets.resolve(self.network)
+            return nets.resolve(self.network, (self.model_dir, model_dir))
         except nets.NetworkError as e:
             raise ConfigError("network", str(e)) from e
 
@@ -267,8 +268,15 @@ def save(config: Config, model_dir):
     os.replace(tmp, path)  # never a half-written config
 
 
-def load(model_dir) -> Optional[Config]:
-    """The config saved in `model_dir`, or None if there is none."""
+def load(model_dir, named_network=None, trust_network=False) -> Optional[Config]:
+    """The config saved in `model_dir`, or None if there is none.
+
+    A model folder is data, never code: a `module.path:function` network that config.json
+    records is imported only when the user named the same value (`named_network`, their
+    --network) or trusts the folder (--trust_network), and never from a file inside the folder.
+    Otherwise ConfigError says what config.json asks to import and how to allow it, before
+    anything is imported.
+    """
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
@@ -278,8 +286,12 @@ def load(model_dir) -> Optional[Config]:
         except ValueError as e:  # not JSON (a Config field of the wrong type is TypeError)
             raise ConfigError("model_dir", f"{path} is damaged ({e}); restore it or use a "
                                            f"new --model_dir") from None
+    if nets.is_module_spec(cfg.network) and not trust_network and named_network != cfg.network:
+        raise ConfigError("network", f"{path} asks to import {cfg.network!r}, code that a model "
+                          f"folder does not get to choose; to allow it, name it yourself with "
+                          f"--network={cfg.network} (or pass --trust_network)")
     try:
-        cfg.resolve_network()
+        cfg.resolve_network(model_dir)
     except ConfigError as e:
         raise ConfigError("network", f"{e.__cause__} (the network that {path} records: "
                           f"evaluate, export and resume need it importable as it was when "

@@ -165,6 +165,25 @@ def define_config_flags(flag_values=FLAGS):
                         flag_values=flag_values)
 
 
+def define_trust_network_flag(flag_values=FLAGS):
+    """--trust_network, for the commands that read a model_dir's config.json."""
+    flags.DEFINE_bool("trust_network", False,
+                      "Import the module.path:function network that model_dir/config.json "
+                      "records without naming it in --network (a model folder is data: by "
+                      "default its config.json never decides what Python imports).",
+                      flag_values=flag_values)
+
+
+def load_saved_config(model_dir, flag_values=FLAGS):
+    """model_dir's saved Config (None without config.json); a module network it records is
+    imported only when --network names it or --trust_network is given (config.load)."""
+    from estimator_mnv2 import config as config_lib
+
+    network = flag_values["network"]
+    return config_lib.load(model_dir, named_network=network.value if network.present else None,
+                           trust_network=flag_values.trust_network)
+
+
 def config_from_flags(base: Config = None, flag_values=FLAGS):
     """Config from the flags; with `base` (a model_dir's saved config) only the flags given on
     the command line override it."""

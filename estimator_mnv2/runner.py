@@ -85,7 +85,8 @@ def prepare_model_dir(cfg: Config):
     if distribution.tf_config().get("cluster") and cfg.mode != "train_and_evaluate":
         raise config_lib.ConfigError("mode", f"a TF_CONFIG cluster trains through "
                                      f"train_and_evaluate, not --mode={cfg.mode}")
-    saved = config_lib.load(cfg.model_dir)
+    # The saved network is imported only if it is the one this command names.
+    saved = config_lib.load(cfg.model_dir, named_network=cfg.network)
     if saved is not None:
         config_lib.check_compatible(saved, cfg)
     for field in ("train_files", "eval_files"):

@@ -9,7 +9,9 @@ Writes model_dir/eval_metrics.json, model_dir/eval_report.md (the metrics, a tab
 class, the most confused pairs) with the confusion matrix and the most confidently
 misclassified images beside it (eval_report_confusion_matrix.png,
 eval_report_misclassified.png), and the same analysis to TensorBoard (model_dir/eval).
-The network flags come from model_dir/config.json; flags given here override data settings.
+The network flags come from model_dir/config.json; flags given here override data settings. A
+module.path:function network that config.json records is imported only when --network names
+it (or with --trust_network): a model folder never decides what Python imports.
 """
 
 import os
@@ -20,6 +22,7 @@ from estimator_mnv2 import console
 from estimator_mnv2 import flags as flag_lib
 
 flag_lib.define_config_flags()
+flag_lib.define_trust_network_flag()
 flags.DEFINE_string("checkpoint", None, "Checkpoint path (default: the latest in --model_dir).")
 flags.DEFINE_string("output_json", None, "Metrics file (default: model_dir/eval_metrics.json).")
 flags.DEFINE_string("report", None, "Markdown report (default: model_dir/eval_report.md); the "
@@ -37,7 +40,7 @@ def main(argv):
     try:
         if not FLAGS.model_dir:
             raise config_lib.ConfigError("model_dir", "is required")
-        saved = config_lib.load(FLAGS.model_dir)
+        saved = flag_lib.load_saved_config(FLAGS.model_dir)
         if saved is None:
             raise config_lib.ConfigError("model_dir", f"{FLAGS.model_dir} has no "
                                          f"{config_lib.CONFIG_FILE}: not a trained model_dir")

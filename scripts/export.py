@@ -4,7 +4,8 @@
 
 Writes a new timestamped folder under --export_dir (never overwriting an earlier export), from
 the latest checkpoint or --checkpoint, with the network settings saved in model_dir. When
-training kept moving averages of the weights, the export uses them.
+training kept moving averages of the weights, the export uses them. A module.path:function
+network is imported only when --network names it (or with --trust_network).
 """
 
 import os
@@ -19,6 +20,9 @@ flags.DEFINE_string("model_dir", None, "Trained model_dir (holds config.json).")
 flags.DEFINE_string("export_dir", None, "Base folder; the export goes to a new timestamped "
                     "sub-folder (default: model_dir/export/manual).")
 flags.DEFINE_string("checkpoint", None, "Checkpoint path (default: the latest).")
+flags.DEFINE_string("network", None, "The module.path:function network that config.json records, "
+                    "named to allow its import (registered and keras/ networks need nothing).")
+flag_lib.define_trust_network_flag()
 flags.DEFINE_list("tflite", [], "Also convert to TFLite: any of float, dynamic (int8 weights), "
                   "int8 (full integer, calibrated on training records).")
 flags.DEFINE_integer("calibration_images", 200, "Training images used to calibrate int8.")
@@ -37,7 +41,7 @@ def main(argv):
 
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export", "manual")
     try:
-        cfg = config_lib.load(FLAGS.model_dir)
+        cfg = flag_lib.load_saved_config(FLAGS.model_dir)
         if cfg is None:
             raise config_lib.ConfigError("model_dir", f"{FLAGS.model_dir} has no "
                                          f"{config_lib.CONFIG_FILE}: not a trained model_dir")

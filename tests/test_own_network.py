@@ -3,6 +3,7 @@ then trained, evaluated, exported and served through the same scripts."""
 
 import json
 import os
+import sys
 import textwrap
 
 import numpy as np
@@ -169,12 +170,21 @@ def test_example_network_through_train_evaluate_export_predict(data_dir, tmp_pat
     assert out.returncode == 0, out.stderr[-3000:]
     with open(os.path.join(model_dir, "config.json")) as f:
         assert json.load(f)["network"] == "mynet:small_cnn"  # evaluate/export find it again
+    # config.json alone never makes evaluate import the module: the user names it.
     out = run_script("evaluate.py", "--model_dir", model_dir, cwd=str(user))
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: --network: {os.path.join(model_dir, 'config.json')} asks to import "
+        f"'mynet:small_cnn', code that a model folder does not get to choose; to allow it, "
+        f"name it yourself with --network=mynet:small_cnn (or pass --trust_network)")
+    assert not os.path.exists(os.path.join(model_dir, "eval_metrics.json"))
+    out = run_script("evaluate.py", "--model_dir", model_dir, "--network=mynet:small_cnn",
+                     cwd=str(user))
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.load(open(os.path.join(model_dir, "eval_metrics.json")))
     assert metrics["accuracy"] > 0.8  # 3 classes, chance is 1/3: BN statistics moved
     out = run_script("export.py", "--model_dir", model_dir, "--export_dir",
-                     str(tmp_path / "exports"), cwd=str(user))
+                     str(tmp_path / "exports"), "--trust_network", cwd=str(user))
     assert out.returncode == 0, out.stderr[-3000:]
     (export_dir,) = [str(p) for p in (tmp_path / "exports").iterdir()]
     predictor = export.Predictor(export_dir)  # the SavedModel serves without the module
@@ -186,8 +196,71 @@ def test_example_network_through_train_evaluate_export_predict(data_dir, tmp_pat
 
     # The module is gone: evaluate says so, naming --network and config.json; exit 2.
     os.remove(user / "mynet.py")
-    out = run_script("evaluate.py", "--model_dir", model_dir, cwd=str(user))
+    out = run_script("evaluate.py", "--model_dir", model_dir, "--network=mynet:small_cnn",
+                     cwd=str(user))
     assert out.returncode == 2, out.stderr[-3000:]
     assert "error: --network: 'mynet:small_cnn': module 'mynet' does not import" in out.stderr
     assert "run from its folder or put that on PYTHONPATH" in out.stderr
     assert os.path.join(model_dir, "config.json") in out.stderr
+
+
+PAYLOAD = """
+import os
+open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "{marker}"), "w").close()
+def net(images, num_classes, is_training):
+    raise SystemExit("payload ran")
+"""
+
+
+def test_a_model_folder_never_makes_us_import_its_code(trained_model_dir, data_dir, tmp_path):
+    """A shared model folder unpacked under the working directory whose config.json names a
+    module inside it: export, evaluate and a resumed train refuse with one line and exit 2,
+    whether or not the user names the module, and nothing of the folder's code runs (not even
+    a package __init__ above the module)."""
+    import shutil
+
+    shared = tmp_path / "checkpoints" / "shared"
+    shutil.copytree(trained_model_dir, shared)
+    for name in ("payload.py", "__init__.py"):
+        (shared / name).write_text(PAYLOAD.format(marker=name + ".ran"))
+    config_path = shared / "config.json"
+    saved = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**saved, "network": "checkpoints.shared.payload:net"}))
+    model_dir = os.path.join("checkpoints", "shared")  # as README's commands name it
+    refusal = (f"error: --network: {os.path.join(model_dir, 'config.json')} asks to import "
+               f"'checkpoints.shared.payload:net', code that a model folder does not get to "
+               f"choose; to allow it, name it yourself with "
+               f"--network=checkpoints.shared.payload:net (or pass --trust_network)")
+    inside = ("error: --network: 'checkpoints.shared.payload:net': "
+              f"{os.path.join(str(shared), '__init__.py')} lies inside the model folder")
+    runs = [("export.py", [], refusal), ("evaluate.py", [], refusal),
+            ("train.py", ["--data_dir", data_dir, "--image_size=32", "--width=0.35",
+                          "--train_steps=8"], refusal),
+            ("export.py", ["--trust_network"], inside),
+            ("evaluate.py", ["--network=checkpoints.shared.payload:net"], inside)]
+    before = sorted(os.listdir(shared))
+    for script, args, message in runs:
+        out = run_script(script, "--model_dir", model_dir, *args, cwd=str(tmp_path))
+        assert out.returncode == 2, (script, args, out.stderr[-3000:])
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith(message), (script, args, last)
+        assert sorted(os.listdir(shared)) == before, (script, args)  # no marker, no file
+    assert not (tmp_path / "export").exists()
+
+
+def test_module_networks_inside_a_model_dir_are_found_without_running_them(tmp_path,
+                                                                           monkeypatch):
+    package = tmp_path / "pkg" / "sub"
+    package.mkdir(parents=True)
+    (tmp_path / "pkg" / "__init__.py").write_text("raise SystemExit('pkg ran')\n")
+    (package / "net.py").write_text("raise SystemExit('net ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for model_dir, found in [(tmp_path / "pkg", "__init__.py"), (package, "net.py"),
+                             (tmp_path / "elsewhere", None)]:
+        if found is None:
+            assert nets._file_inside("pkg.sub.net", [str(model_dir)]) is None
+            continue
+        with pytest.raises(nets.NetworkError, match="lies inside the model folder") as info:
+            nets.resolve("pkg.sub.net:build", model_dirs=(str(model_dir),))
+        assert found in str(info.value)
+    assert "pkg" not in sys.modules

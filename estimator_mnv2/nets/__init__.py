@@ -9,7 +9,8 @@ images float32 NHWC in [-1, 1] and logits [N, num_classes] (see DESIGN.md). Thre
 - `module.path:function`: a function of the user's, imported from any importable module (a
   file in the current folder or on PYTHONPATH, or an installed package); nothing in this
   package is edited. Checked against the contract before anything is written
-  (model_fn.check_network).
+  (model_fn.check_network). A module whose file lies inside a model_dir is never imported: a
+  model folder is data, never code (config.load decides when a saved network may be imported).
 
 The hyper-parameters a network may take are HPARAMS; a function is passed only those its
 signature accepts (all of them with **kwargs).
@@ -82,8 +83,14 @@ def accepted_hparams(fn):
     return frozenset(p.name for p in parameters if p.name in HPARAMS)
 
 
-def resolve(name) -> Network:
-    """The Network for a --network value; NetworkError (with close matches) otherwise."""
+def is_module_spec(name):
+    """True for a `module.path:function` value: the one form that imports the user's code."""
+    return name not in NETWORKS and not name.startswith(KERAS_PREFIX) and ":" in name
+
+
+def resolve(name, model_dirs=()) -> Network:
+    """The Network for a --network value; NetworkError (with close matches) otherwise.
+    A `module.path:function` inside one of `model_dirs` is refused before it is imported."""
     if name in NETWORKS:
         return Network(name, NETWORKS[name], "registry")
     if name.startswith(KERAS_PREFIX):
@@ -96,7 +103,7 @@ def resolve(name) -> Network:
         return Network(name, functools.partial(keras_apps.build, app=app), "keras",
                        keras_apps.accepted_hparams(app), keras_apps.min_image_size(app))
     if ":" in name:
-        fn = import_function(name)
+        fn = import_function(name, model_dirs)
         return Network(name, fn, "module", accepted_hparams(fn))
     raise NetworkError(f"unknown network {name!r}{_suggest(name)}; known: "
                        f"{', '.join(sorted(NETWORKS))}, keras/<Name> (any "
@@ -104,15 +111,21 @@ def resolve(name) -> Network:
                        f"(python scripts/train.py --list_networks)")
 
 
-def import_function(spec):
+def import_function(spec, model_dirs=()):
     """Imports `function` from 'module.path:function'. A module in the current folder is found
     too (after installed modules and PYTHONPATH, so it never shadows them); NetworkError names
-    what failed, chained to the module's own error."""
+    what failed, chained to the module's own error. A module (or a package above it) whose
+    file lies inside one of `model_dirs` is refused before anything of it runs."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise NetworkError(f"{spec!r} is not of the form module.path:function")
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # after everything else: installed modules win
+    inside = _file_inside(module_name, model_dirs)
+    if inside:
+        raise NetworkError(f"{spec!r}: {inside} lies inside the model folder; a model folder is "
+                           f"data and its files are never imported (install the module or put "
+                           f"it on PYTHONPATH outside the model folder)")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # the user's module: any error while importing it is theirs
@@ -132,6 +145,43 @@ def import_function(spec):
         raise NetworkError(f"{spec!r}: {attr} is a {type(fn).__name__}, not a function "
                            f"({CONTRACT})")
     return fn
+
+
+def _file_inside(module_name, model_dirs):
+    """The file or package folder of `module_name` (or of a package above it) that lies inside
+    one of `model_dirs`, found without running any of it; None if there is none."""
+    import importlib.machinery
+    import importlib.util
+
+    roots = [os.path.realpath(d) for d in model_dirs if d]
+    if not roots:
+        return None
+    parts = module_name.split(".")
+    locations = None
+    for i in range(len(parts)):
+        name = ".".join(parts[:i + 1])
+        module = sys.modules.get(name)
+        if module is not None:
+            spec = getattr(module, "__spec__", None)
+        elif i == 0:
+            try:  # a top-level name: finders only, nothing is executed
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                return None
+        else:
+            spec = importlib.machinery.PathFinder.find_spec(name, locations)
+        if spec is None:
+            return None
+        places = [spec.origin] if spec.origin and spec.has_location else []
+        places += list(spec.submodule_search_locations or ())
+        for place in places:
+            real = os.path.realpath(place)
+            if any(real == root or real.startswith(root + os.sep) for root in roots):
+                return place
+        locations = list(spec.submodule_search_locations or ())
+        if not locations:
+            return None
+    return None
 
 
 def _suggest(name):
