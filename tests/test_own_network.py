@@ -139,18 +139,18 @@ def test_weight_decay_without_regularization_is_a_warning(user_modules, data_dir
     (user_modules / "plain.py").write_text(GOOD_HEAD + "def build(images, num_classes, "
                                            "is_training):\n    return head(images, "
                                            "num_classes), {}\n")
-    cfg = tiny_config(str(tmp_path), data_dir, network="plain:build", width=1.0)
+    model_dir = str(tmp_path / "model")  # not the folder of plain.py: never imported from
+    cfg = tiny_config(model_dir, data_dir, network="plain:build", width=1.0)
     assert cfg.weight_decay > 0
     (warning,) = model_fn.check_network(cfg)
     assert warning.startswith(f"--weight_decay={cfg.weight_decay}: --network=plain:build adds "
                               f"no regularization loss")
-    assert model_fn.check_network(tiny_config(str(tmp_path), data_dir, network="plain:build",
+    assert model_fn.check_network(tiny_config(model_dir, data_dir, network="plain:build",
                                               width=1.0, weight_decay=0.0)) == []
     with pytest.raises(config_lib.ConfigError, match="takes no 'weight_decay'"):
-        tiny_config(str(tmp_path), data_dir, network="plain:build", width=1.0,
-                    weight_decay=1e-4)
+        tiny_config(model_dir, data_dir, network="plain:build", width=1.0, weight_decay=1e-4)
     # The example file regularizes its kernels: no warning.
-    assert model_fn.check_network(tiny_config(str(tmp_path), data_dir, network=EXAMPLE,
+    assert model_fn.check_network(tiny_config(model_dir, data_dir, network=EXAMPLE,
                                               width=1.0)) == []
 
 
@@ -255,12 +255,12 @@ def test_module_networks_inside_a_model_dir_are_found_without_running_them(tmp_p
     (tmp_path / "pkg" / "__init__.py").write_text("raise SystemExit('pkg ran')\n")
     (package / "net.py").write_text("raise SystemExit('net ran')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for model_dir, found in [(tmp_path / "pkg", "__init__.py"), (package, "net.py"),
-                             (tmp_path / "elsewhere", None)]:
+    for model_dir, found in [(tmp_path / "pkg", tmp_path / "pkg" / "__init__.py"),
+                             (package, package), (tmp_path / "elsewhere", None)]:
         if found is None:
             assert nets._file_inside("pkg.sub.net", [str(model_dir)]) is None
             continue
         with pytest.raises(nets.NetworkError, match="lies inside the model folder") as info:
             nets.resolve("pkg.sub.net:build", model_dirs=(str(model_dir),))
-        assert found in str(info.value)
+        assert f"'pkg.sub.net:build': {found} lies inside" in str(info.value)
     assert "pkg" not in sys.modules

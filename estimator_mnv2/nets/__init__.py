@@ -149,7 +149,8 @@ def import_function(spec, model_dirs=()):
 
 def _file_inside(module_name, model_dirs):
     """The file or package folder of `module_name` (or of a package above it) that lies inside
-    one of `model_dirs`, found without running any of it; None if there is none."""
+    one of `model_dirs`, found the way the path finder finds it, without running any of it;
+    None if there is none."""
     import importlib.machinery
     import importlib.util
 
@@ -157,29 +158,39 @@ def _file_inside(module_name, model_dirs):
     if not roots:
         return None
     parts = module_name.split(".")
-    locations = None
-    for i in range(len(parts)):
-        name = ".".join(parts[:i + 1])
-        module = sys.modules.get(name)
-        if module is not None:
-            spec = getattr(module, "__spec__", None)
-        elif i == 0:
-            try:  # a top-level name: finders only, nothing is executed
-                spec = importlib.util.find_spec(name)
-            except (ImportError, ValueError):
-                return None
-        else:
-            spec = importlib.machinery.PathFinder.find_spec(name, locations)
-        if spec is None:
-            return None
-        places = [spec.origin] if spec.origin and spec.has_location else []
-        places += list(spec.submodule_search_locations or ())
+    module = sys.modules.get(parts[0])
+    try:  # a top-level name: the finders only, nothing is executed
+        spec = module.__spec__ if module is not None else importlib.util.find_spec(parts[0])
+    except (ImportError, ValueError, AttributeError):
+        return None
+    if spec is None:
+        return None
+    places = [spec.origin] if spec.origin and spec.has_location else []
+    locations = list(spec.submodule_search_locations or ())
+    for part in parts[1:] + [None]:
+        places += locations
         for place in places:
             real = os.path.realpath(place)
             if any(real == root or real.startswith(root + os.sep) for root in roots):
                 return place
-        locations = list(spec.submodule_search_locations or ())
-        if not locations:
+        if part is None or not locations:
+            return None
+        places, portions = [], []  # the next part, as the path finder looks for it
+        for location in locations:
+            folder = os.path.join(location, part)
+            if os.path.isfile(os.path.join(folder, "__init__.py")):
+                places, portions = [os.path.join(folder, "__init__.py")], [folder]
+                break
+            modules = [os.path.join(location, part + suffix)
+                       for suffix in importlib.machinery.all_suffixes()]
+            modules = [m for m in modules if os.path.isfile(m)]
+            if modules:
+                places, portions = modules[:1], []
+                break
+            if os.path.isdir(folder):
+                portions.append(folder)  # a namespace package's portion
+        locations = portions
+        if not places and not portions:
             return None
     return None
 
