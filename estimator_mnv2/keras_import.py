@@ -11,7 +11,6 @@ a top, a config.json beside it makes the folder a model_dir that `scripts/export
 
 import json
 import os
-import re
 
 import h5py
 import numpy as np
@@ -47,35 +46,6 @@ def keras_name_map(variant=mobilenet_v2.PAPER):
     return mapping
 
 
-def application_name_map(variables, app):
-    """{keras 'layer/weight': our variable name} for keras/<app>: our names are Keras's under
-    the application's scope, and the Keras top's layers are our head (keras_apps.top_names)."""
-    scope = keras_apps.scope_name(app) + "/"
-    head = keras_apps.top_names(app)
-    mapping = {}
-    for name in variables:
-        if name.startswith(scope):
-            rest = name[len(scope):]
-            mapping[head.get(rest, rest)] = name
-    return mapping
-
-
-def _align_auto_names(keras, mapping):
-    """Renames layers that Keras named automatically with another counter: a model built
-    after others in one Keras session saves 'normalization_1/mean' where the application
-    built alone (as here, in a graph of its own) has 'normalization/mean'. A weight is renamed
-    only when its name is unknown, the name without the `_<n>` suffix is expected, and that
-    name is missing from the file."""
-    unknown = [k for k in keras if k not in mapping]
-    renamed = dict(keras)
-    for key in unknown:
-        layer, weight = key.rsplit("/", 1)
-        base = f"{re.sub(r'_[0-9]+$', '', layer)}/{weight}"
-        if base != key and base in mapping and base not in renamed:
-            renamed[base] = renamed.pop(key)
-    return renamed
-
-
 def _fit_head(value, shape):
     """A head weight reshaped to our variable's shape where only unit axes differ (a Dense
     kernel -> our 1x1 logits conv; Keras's 1x1 top convs -> our dense head)."""
@@ -93,46 +63,109 @@ def _fit_head(value, shape):
 IMAGENET_STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _fold_imagenet_rescaling(app, keras):
-    """Returns the weights with EfficientNet's ImageNet rescaling folded in (a note on what
-    was done), or as they are (None)."""
-    key = "normalization/variance"
-    if (app and keras_apps.module_name(app) == "efficientnet" and key in keras
-            and np.allclose(keras[key], IMAGENET_STDDEV_RGB, atol=1e-6)):
-        return {**keras, key: keras[key] * IMAGENET_STDDEV_RGB}, (
-            "ImageNet EfficientNet weights: Keras's extra Rescaling(1/sqrt(stddev)) folded "
-            "into normalization/variance")
-    return keras, None
+def _folded_variance(app, layer, weight_name, value):
+    """EfficientNet's ImageNet normalization variance with Keras's extra rescaling folded in
+    (None for any other weight)."""
+    if (keras_apps.module_name(app) == "efficientnet"
+            and isinstance(layer, tf.keras.layers.Normalization)
+            and _short(weight_name) == "variance"
+            and np.allclose(value, IMAGENET_STDDEV_RGB, atol=1e-6)):
+        return value * IMAGENET_STDDEV_RGB
+    return None
 
 
-def read_keras_h5(path):
-    """{'layer/weight': array} from a Keras weights file (save_weights or full-model .h5).
+def _short(weight_name):
+    """'conv/kernel:0' -> 'kernel'."""
+    return weight_name.split(":")[0].rsplit("/", 1)[-1]
 
-    Keys are the layer's name and the weight's last name part, read from the file's
-    `layer_names` / `weight_names` attributes, so layer names that hold a '/' (MobileNetV3's
-    'Conv/BatchNorm') stay whole."""
+
+def read_keras_layers(path):
+    """[(layer name, [(weight name, array), ...])] of a Keras weights file (save_weights or
+    full-model .h5), in the file's layer order, for the layers that hold weights.
+
+    Names come from the file's `layer_names` / `weight_names` attributes, so layer names that
+    hold a '/' (MobileNetV3's 'Conv/BatchNorm') stay whole; a nested model (ConvNeXt's stem) is
+    one layer whose weights keep their nested names, in Keras's order."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--keras_weights: no such file: {path}")
-    weights = {}
+    layers = []
     try:
         with h5py.File(path, "r") as f:
             root = f["model_weights"] if "model_weights" in f else f  # model.save() files
             for layer in root.attrs.get("layer_names", []):
                 layer = layer.decode() if isinstance(layer, bytes) else layer
                 group = root[layer]
-                for weight in group.attrs.get("weight_names", []):
-                    weight = weight.decode() if isinstance(weight, bytes) else weight
-                    key = f"{layer}/{weight.split(':')[0].rsplit('/', 1)[-1]}"
-                    if key in weights:  # e.g. a nested model: refuse rather than overwrite
-                        raise ValueError(f"--keras_weights: {path} has two weights named "
-                                         f"{key!r} (a nested model?); save the application "
-                                         f"itself with save_weights")
-                    weights[key] = group[weight][()]
+                names = [w.decode() if isinstance(w, bytes) else w
+                         for w in group.attrs.get("weight_names", [])]
+                if names:
+                    layers.append((layer, [(w, group[w][()]) for w in names]))
     except OSError as e:
         raise ValueError(f"--keras_weights: {path} is not a readable HDF5 file: {e}") from None
-    if not weights:
+    if not layers:
         raise ValueError(f"--keras_weights: {path} holds no Keras layer weights")
+    return layers
+
+
+def read_keras_h5(path):
+    """{'layer/weight': array} from a Keras weights file (read_keras_layers, flattened; the
+    weight's last name part), for networks mapped by name (mobilenet_v2)."""
+    weights = {}
+    for layer, layer_weights in read_keras_layers(path):
+        for weight, value in layer_weights:
+            key = f"{layer}/{_short(weight)}"
+            if key in weights:  # e.g. a nested model: refuse rather than overwrite
+                raise ValueError(f"--keras_weights: {path} has two weights named {key!r} (a "
+                                 f"nested model?); save the application itself with "
+                                 f"save_weights")
+            weights[key] = value
     return weights
+
+
+def pair_layers(model, layers, head_layers=()):
+    """Pairs `model`'s layers that hold weights with a file's (read_keras_layers), as Keras's
+    load_weights does: by layer name when the file names every one of them, otherwise by
+    order (layers Keras numbered automatically, e.g. 'conv2d_7', are named by how many such
+    layers the saving session had made before). Layers in `head_layers` are left out.
+
+    Returns (pairs [(keras layer, file layer name, file weights)], how, unknown file layers,
+    model layers missing from the file); no pairs when neither way fits."""
+    ours = [layer for layer in model.layers if layer.weights]
+    body = [(name, weights) for name, weights in layers if name not in head_layers]
+    by_name = dict(body)
+    known = {layer.name for layer in ours}
+    unknown = [name for name, _ in body if name not in known]
+    if all(layer.name in by_name for layer in ours):
+        return [(layer, layer.name, by_name[layer.name]) for layer in ours], "by layer name", \
+            unknown, []
+    if len(body) == len(ours):
+        return [(layer, name, weights) for layer, (name, weights) in zip(ours, body)], (
+            "by layer order (the file's layer names differ from the model's, as Keras's "
+            "load_weights matches them)"), [], []
+    return [], None, unknown, [layer.name for layer in ours if layer.name not in by_name]
+
+
+REPORT_FILE = "import_report.json"
+
+
+def check_output_dir(output_dir):
+    """Refuses (ValueError naming --output_dir, nothing written) a folder that holds another
+    model: a checkpoint index or config.json, unless they are an earlier import's (its
+    import_report.json, its model.ckpt) that nothing trained on since."""
+    if os.path.isfile(output_dir):
+        raise ValueError(f"--output_dir: {output_dir} is a file, not a folder")
+    if not os.path.isdir(output_dir):
+        return
+    state = tf.train.get_checkpoint_state(output_dir)
+    trained = state is not None and os.path.basename(state.model_checkpoint_path) != "model.ckpt"
+    if os.path.exists(os.path.join(output_dir, REPORT_FILE)) and not trained:
+        return  # an import, imported again
+    held = [name for name in ("checkpoint", config_lib.CONFIG_FILE)
+            if os.path.exists(os.path.join(output_dir, name))]
+    if held:
+        raise ValueError(f"--output_dir: {output_dir} already holds a model ({' and '.join(held)}"
+                         f"); importing there would replace its checkpoint index and config, "
+                         f"so a resumed training would start again from the import. Choose a "
+                         f"new folder")
 
 
 def import_weights(network, h5_path, output_dir, width=1.0, image_size=224, class_names=()):
@@ -153,13 +186,19 @@ def import_weights(network, h5_path, output_dir, width=1.0, image_size=224, clas
     if network != "mobilenet_v2" and not network.startswith(nets.KERAS_PREFIX):
         raise config_lib.ConfigError("network", f"{network!r}: Keras weights import into "
                                      f"mobilenet_v2 or keras/<Name>")
-    keras = read_keras_h5(h5_path)
+    check_output_dir(output_dir)
+    layers = read_keras_layers(h5_path)
     app = network[len(nets.KERAS_PREFIX):] if network != "mobilenet_v2" else None
     top = keras_apps.top_names(app or "MobileNetV2")
+    head = set(top.values())
+    head_layers = {k.rsplit("/", 1)[0] for k in head}
+    # The head: read by name ('predictions/kernel'), the top's layers only.
+    keras = read_keras_h5(h5_path) if app is None else {
+        f"{name}/{_short(w)}": value for name, weights in layers if name in head_layers
+        for w, value in weights}
     has_top = top["logits/w"] in keras
     # Without a top the head is not read: any class count builds the rest.
     num_classes = int(keras[top["logits/w"]].shape[-1]) if has_top else 2
-    head = set(top.values())
     if class_names and has_top and len(class_names) != num_classes:
         raise config_lib.ConfigError("labels_file", f"{len(class_names)} class names, but the "
                                      f"top of {h5_path} has {num_classes} classes")
@@ -168,23 +207,25 @@ def import_weights(network, h5_path, output_dir, width=1.0, image_size=224, clas
                             class_names=tuple(class_names) if has_top else (),
                             mode="train").validate(for_training=False)  # no data needed
 
-    problems, values = [], {}
+    problems, values, notes = [], {}, []
+    another = (f". Another network's file? A top other than "
+               f"{' + '.join(sorted(head_layers))} (VGG's fc1/fc2, MobileNet's conv_preds, "
+               f"ConvNeXt's and RegNet's head layers) does not map onto our head: import the "
+               f"file without top and train the head.")
     graph = tf.Graph()
     with graph.as_default():
         images = v1.placeholder(tf.float32, [None, image_size, image_size, 3])
         model_fn.network_outputs(images, cfg, False)
         variables = {v.op.name: v for v in v1.global_variables()}
-        mapping = keras_name_map() if app is None else application_name_map(variables, app)
-        keras, note = _fold_imagenet_rescaling(app, _align_auto_names(keras, mapping))
-        unknown = sorted(set(keras) - set(mapping))
-        if unknown:
-            problems.append(
-                f"weights with no place in {network}: {', '.join(unknown[:10])}"
-                + (f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else "")
-                + f". Another network's file? A top other than "
-                f"{' + '.join(sorted({k.split('/')[0] for k in head}))} (VGG's fc1/fc2, "
-                f"MobileNet's conv_preds, ConvNeXt's and RegNet's head layers) does not map "
-                f"onto our head: import the file without top and train the head.")
+        if app is None:
+            mapping = keras_name_map()
+        else:  # the backbone through the model's own layers, the head by name
+            scope = keras_apps.scope_name(app)
+            mapping = {keras_name: f"{scope}/{ours}" for ours, keras_name in top.items()}
+            problems += _application_values(keras_apps.built_model(graph), layers, app,
+                                            head_layers, width, values, notes, another,
+                                            network)
+        problems += _unknown(sorted(set(keras) - set(mapping)), network, another)
         for keras_name, ours in mapping.items():
             if keras_name in head and not has_top:
                 continue
@@ -212,10 +253,11 @@ def import_weights(network, h5_path, output_dir, width=1.0, image_size=224, clas
         var_list = [variables[name] for name in sorted(values)] + [step]
         saver = v1.train.Saver(var_list)
         os.makedirs(output_dir, exist_ok=True)
+        # One run feeds every value (a run per variable cost ~75 ms each: 20 s for ResNet50).
+        feeds = {v: v1.placeholder(v.dtype.base_dtype, v.shape) for v in var_list[:-1]}
+        load = tf.group([v.assign(p) for v, p in feeds.items()] + [step.initializer])
         with v1.Session(graph=graph) as sess:
-            sess.run(step.initializer)
-            for v in var_list[:-1]:
-                v.load(values[v.op.name].astype(np.float32), sess)
+            sess.run(load, {p: values[v.op.name].astype(np.float32) for v, p in feeds.items()})
             prefix = saver.save(sess, os.path.join(output_dir, "model.ckpt"),
                                 write_meta_graph=False)
     if has_top:
@@ -227,11 +269,52 @@ def import_weights(network, h5_path, output_dir, width=1.0, image_size=224, clas
                        "not in the file (no top): left for training; fine-tune with "
                        "--warm_start_from"),
               "config": os.path.join(output_dir, config_lib.CONFIG_FILE) if has_top else None,
-              "notes": [n for n in (note, "class names ignored: the file has no top"
-                                    if class_names and not has_top else None) if n]}
-    with open(os.path.join(output_dir, "import_report.json"), "w") as f:
+              "notes": notes + (["class names ignored: the file has no top"]
+                                if class_names and not has_top else [])}
+    with open(os.path.join(output_dir, REPORT_FILE), "w") as f:
         json.dump(report, f, indent=2)
     return prefix, report
+
+
+def _application_values(model, layers, app, head_layers, width, values, notes, another,
+                        network):
+    """Fills `values` {our variable: array} for keras/<app>'s backbone from the file's layers
+    (pair_layers) and returns the problems found; a note says how the layers were matched."""
+    pairs, how, unknown, missing = pair_layers(model, layers, head_layers)
+    if not pairs:
+        # Neither by name nor by order: the file's layers that the network does not have,
+        # and the network's that the file does not have.
+        return _unknown(unknown, network, another) + [
+            f"{name}: missing from the file" for name in missing[:10]]
+    problems = _unknown(unknown, network, another)
+    if how != "by layer name":
+        notes.append(f"layers matched {how}")
+    for layer, name, weights in pairs:
+        ours = layer.trainable_weights + layer.non_trainable_weights  # Keras's saving order
+        if len(ours) != len(weights):
+            problems.append(f"{name}: {len(weights)} weights in the file, {len(ours)} in "
+                            f"layer {layer.name} of the network")
+            continue
+        for variable, (weight, value) in zip(ours, weights):
+            target = variable.name.split(":")[0]
+            shape = variable.shape.as_list()
+            if list(value.shape) != shape:
+                problems.append(f"{name}/{_short(weight)}: shape {list(value.shape)} does not "
+                                f"fit {target} {shape} at --width={width}")
+                continue
+            folded = _folded_variance(app, layer, weight, value)
+            if folded is not None:
+                value = folded
+                notes.append("ImageNet EfficientNet weights: Keras's extra "
+                             "Rescaling(1/sqrt(stddev)) folded into normalization/variance")
+            values[target] = value
+    return problems
+
+
+def _unknown(names, network, another):
+    return [f"weights with no place in {network}: {', '.join(names[:10])}"
+            + (f" (+{len(names) - 10} more)" if len(names) > 10 else "") + another
+            ] if names else []
 
 
 def import_keras_weights(h5_path, alpha, output_dir):

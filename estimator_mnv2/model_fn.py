@@ -31,6 +31,28 @@ def network_outputs(images, cfg: Config, is_training, dtype=tf.float32):
         lambda x: network(x, cfg.num_classes, is_training, **hparams), images, dtype)
 
 
+_ASSIGNS = {"AssignSubVariableOp", "AssignAddVariableOp", "AssignVariableOp", "AssignSub",
+            "AssignAdd", "Assign"}
+
+
+def assigned_variables(updates):
+    """Names of the variables that the ops (or tensors) in `updates` assign to, through the
+    ops they depend on, up to each assignment (not into the values assigned)."""
+    targets, seen = set(), set()
+    # Tensors, operations, or the variables an assign returns (their .op is the assignment).
+    stack = [u if isinstance(u, tf.Operation) else u.op for u in updates]
+    while stack:
+        op = stack.pop()
+        if op is None or op.name in seen:
+            continue
+        seen.add(op.name)
+        if op.type in _ASSIGNS:
+            targets.add(op.inputs[0].op.name)  # the variable (VarHandleOp, VariableV2)
+            continue
+        stack += [t.op for t in op.inputs] + list(op.control_inputs)
+    return targets
+
+
 def check_network(cfg: Config):
     """Checks a --network against the contract (nets.CONTRACT) before anything is written: one
     build in training mode and one in inference mode, each in a graph of its own. Raises
@@ -75,12 +97,16 @@ def check_network(cfg: Config):
             norms = [op.name for op in graph.get_operations()
                      if op.type.startswith("FusedBatchNorm") and op.get_attr("is_training")]
             # Moving statistics may rightly stay put under --freeze_batch_norm, but a batch
-            # norm that runs in training mode must always update them.
+            # norm that runs in training mode must always update them: every one of them,
+            # not just one layer (a tf.keras BatchNormalization beside tf.compat.v1.layers
+            # ones puts nothing in UPDATE_OPS).
+            updated = assigned_variables(v1.get_collection(v1.GraphKeys.UPDATE_OPS))
             moving = ([] if cfg.freeze_batch_norm else
-                      [v.op.name for v in v1.global_variables() if "moving_" in v.op.name])
-            if (norms or moving) and not v1.get_collection(v1.GraphKeys.UPDATE_OPS):
+                      [v.op.name for v in v1.global_variables()
+                       if "moving_" in v.op.name and v.op.name not in updated])
+            if moving or (norms and not updated):
                 raise ConfigError("network", (
-                    f"{name} has batch normalization ({(norms or moving)[0]}, ...) that adds "
+                    f"{name} has batch normalization ({(moving or norms)[0]}, ...) that adds "
                     f"no update to UPDATE_OPS in training mode: its moving statistics would "
                     f"never move and evaluation would stay at chance. Put the moving-average "
                     f"updates in tf.compat.v1.GraphKeys.UPDATE_OPS (tf.compat.v1.layers."

@@ -105,7 +105,7 @@ def keras_application(app, size, seed, **kwargs):
             gamma, beta, mean, var = layer.get_weights()
             layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
                                rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 1.5, var.shape)])
-        elif isinstance(layer, tf.keras.layers.Normalization):
+        elif isinstance(layer, tf.keras.layers.Normalization) and layer.weights:
             mean, var, count = layer.get_weights()
             layer.set_weights([rng.uniform(100, 150, mean.shape), rng.uniform(3e3, 5e3, var.shape),
                                count])

@@ -104,6 +104,30 @@ def test_labels_and_widths_that_disagree_are_refused(tmp_path):
     assert not os.path.exists(tmp_path / "b")
 
 
+def test_an_import_never_lands_in_a_training_run(tmp_path, trained_model_dir):
+    """--output_dir pointing at a training run is refused, nothing in it touched; an earlier
+    import's folder is imported again."""
+    import shutil
+
+    model = keras_application("MobileNetV2", 32, seed=6, alpha=0.35, classes=3)
+    h5 = str(tmp_path / "top.h5")
+    model.save_weights(h5)
+    run = tmp_path / "run"
+    shutil.copytree(trained_model_dir, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    out = run_script("import_keras_weights.py", "--network=keras/MobileNetV2",
+                     "--keras_weights", h5, "--output_dir", str(run), "--width=0.35",
+                     "--image_size=32")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"error: --output_dir: {run} already holds a model (checkpoint and config.json)")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    imported = str(tmp_path / "imported")
+    for _ in range(2):  # the import's own folder: written again
+        keras_import.import_weights("keras/MobileNetV2", h5, imported, width=0.35,
+                                    image_size=32)
+
+
 def test_weights_of_another_network_are_named(tmp_path):
     model = keras_model_with_random_statistics("MobileNetV3Small", seed=4, include_top=False,
                                                alpha=0.75)
@@ -172,3 +196,71 @@ def test_labels_file_errors_name_the_file_and_line(tmp_path):
     bad.write_text("1:cat\n2:dog\n")
     with pytest.raises(ValueError, match="the indices are not 0..1"):
         build.read_labels_file(str(bad))
+
+
+# One application per way Keras names its weights, plus the next ones a user tries, each at
+# the smallest size it builds: (application, size, layers created before it in the saving
+# Keras session, so that its automatically numbered layers get other numbers).
+FAMILIES = [
+    ("ConvNeXtTiny", 32, 0),       # nested Sequential stem and downsampling blocks
+    ("NASNetMobile", 32, 0),       # cells built under name scopes
+    ("Xception", 71, 2),           # auto-numbered conv2d / batch_normalization layers
+    ("EfficientNetV2B0", 32, 0),
+    ("ResNet50V2", 32, 0),
+]
+
+
+def test_every_naming_family_imports_and_gives_kerass_outputs(tmp_path):
+    """Keras-saved files of each naming family import, and our network gives Keras's own
+    outputs: the exported SavedModel's probabilities, or (ConvNeXt, whose top has a layer norm
+    our head does not) the backbone's pooled features. All in one process."""
+    from estimator_mnv2 import runner
+
+    pixels, expected, files = {}, {}, {}
+    for app, size, earlier in FAMILIES:
+        for _ in range(earlier):
+            tf.keras.layers.Conv2D(1, 1)
+            tf.keras.layers.BatchNormalization()
+        top = app != "ConvNeXtTiny"
+        kwargs = {"classes": 5} if top else {"include_top": False, "pooling": "avg"}
+        model = keras_application(app, size, seed=len(app), **kwargs)
+        files[app] = str(tmp_path / f"{app}.h5")
+        model.save_weights(files[app])
+        pixels[app] = np.random.RandomState(2).uniform(0, 255, (3, size, size, 3)).astype(
+            np.float32)
+        # Keras on the very pixels the SavedModel feeds its network (the central crop).
+        unit = preprocessing.preprocess_for_eval(tf.constant(pixels[app]), size, 0.875).numpy()
+        keras_input = keras_apps.preprocess_module(app).preprocess_input((unit + 1.0) * 127.5)
+        expected[app] = (model.predict(keras_input, verbose=0), unit)
+        assert expected[app][0].std(axis=1).min() > 1e-3  # not a uniform guess
+        if earlier:  # the file's auto-numbered names differ from a fresh build's
+            names = [name for name, _ in keras_import.read_keras_layers(files[app])]
+            assert "conv2d" not in names and f"conv2d_{earlier}" in names
+        del model
+    for app, size, earlier in FAMILIES:
+        out_dir = str(tmp_path / app)
+        prefix, report = keras_import.import_weights(f"keras/{app}", files[app], out_dir,
+                                                     image_size=size)
+        assert any("by layer order" in n for n in report["notes"]) == bool(earlier), report
+        want, unit = expected[app]
+        if app == "ConvNeXtTiny":
+            cfg = config_lib.Config(model_dir="unused", network=f"keras/{app}", num_classes=2,
+                                    image_size=size)
+            graph = tf.Graph()
+            with graph.as_default():
+                images = tf.compat.v1.placeholder(tf.float32, [None, size, size, 3])
+                _, endpoints = model_fn.network_outputs(images, cfg, False)
+                restored = [v for v in tf.compat.v1.global_variables()
+                            if "logits" not in v.op.name]
+                assert len(restored) == report["variables"]
+                with tf.compat.v1.Session() as sess:
+                    tf.compat.v1.train.Saver(restored).restore(sess, prefix)
+                    got = sess.run(endpoints["features"], {images: unit})
+        else:
+            cfg = config_lib.load(out_dir)
+            path = export.export_saved_model(runner.make_estimator(cfg, training=False), cfg,
+                                             str(tmp_path / f"{app}_export"), prefix)
+            predictor = export.Predictor(path, export.PIXELS_SIGNATURE)
+            got = predictor(pixels[app])["probabilities"]
+            predictor.close()
+        assert np.abs(got - want).max() <= 1e-4, app

@@ -80,18 +80,48 @@ def test_batch_norm_updates_momentum_and_weight_decay():
     np.testing.assert_allclose(means[1], 1.5 * means[0], rtol=1e-3, atol=1e-5)
 
 
-def test_inference_mode_adds_no_updates_and_names_are_stable():
-    g_train, *_ = build(CHEAP, width=0.35)
-    g_eval, *_ = build(CHEAP, width=0.35, is_training=False)
-    names = []
-    for graph in (g_train, g_eval):
+def test_inference_mode_adds_no_updates_and_names_are_stable(keras_model_dir):
+    """The graphs built now, after other Keras models in this process, have the names and
+    shapes of the checkpoint that training wrote (a resumed run, an evaluation and an export
+    restore it); evaluation adds no batch-norm updates."""
+    tf.keras.layers.Conv2D(1, 1)  # Keras's automatic names must not depend on what came before
+    tf.keras.layers.BatchNormalization()
+    cfg, _ = keras_model_dir
+    written = {name: shape for name, shape in
+               tf.train.list_variables(tf.train.latest_checkpoint(cfg.model_dir))
+               if name != "global_step" and not name.split("/")[-1].startswith("Adam")
+               and not name.startswith("beta")}
+    assert "mobilenetv2/Conv1/kernel" in written
+    assert "mobilenetv2/logits/w" in written and "mobilenetv2/logits/bias" in written
+    for is_training in (True, False):
+        graph, *_ = build(CHEAP, width=0.35, is_training=is_training)
         with graph.as_default():
-            names.append([v.op.name for v in v1.global_variables()])
-    assert names[0] == names[1]  # training, evaluation and export graphs restore alike
-    assert "mobilenetv2/Conv1/kernel" in names[0]
-    assert "mobilenetv2/logits/w" in names[0] and "mobilenetv2/logits/bias" in names[0]
-    with g_eval.as_default():
-        assert v1.get_collection(v1.GraphKeys.UPDATE_OPS) == []
+            built = {v.op.name: v.shape.as_list() for v in v1.global_variables()}
+            if not is_training:
+                assert v1.get_collection(v1.GraphKeys.UPDATE_OPS) == []
+        assert built == written, is_training
+
+
+def test_nested_batch_norm_gets_momentum_and_is_frozen(monkeypatch):
+    """A batch norm inside a nested sub-model (no shipped application has one today) gets
+    --bn_momentum and --freeze_batch_norm like a top-level one."""
+    def backbone(app, image_size, width=1.0, dtype=tf.float32):
+        stem = tf.keras.Sequential([tf.keras.layers.Conv2D(4, 3),
+                                    tf.keras.layers.BatchNormalization(name="inner_bn")],
+                                   name="stem")
+        x = tf.keras.Input((image_size, image_size, 3))
+        return tf.keras.Model(x, tf.keras.layers.GlobalAveragePooling2D()(stem(x)))
+
+    monkeypatch.setattr(keras_apps, "backbone", backbone)
+    graph = tf.Graph()
+    with graph.as_default():
+        images = v1.placeholder(tf.float32, [2, 32, 32, 3])
+        keras_apps.build(images, 3, True, app="ResNet50", bn_momentum=0.5,
+                         bn_train_scopes="no_such_layer")
+        bn = keras_apps.built_model(graph).get_layer("stem").get_layer("inner_bn")
+        trainable = [v.op.name for v in v1.trainable_variables()]
+    assert bn.momentum == 0.5 and not bn.trainable
+    assert not [name for name in trainable if "inner_bn" in name] and trainable
 
 
 def test_frozen_batch_norm_stays_out_of_the_optimizer():

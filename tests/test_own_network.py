@@ -64,6 +64,15 @@ BROKEN = {
             x, _, _ = v1.nn.fused_batch_norm(images, gamma, beta, is_training=True)
             return head(x, num_classes), {}
         """), r"batch normalization \(FusedBatchNorm.*adds no update to UPDATE_OPS"),
+    # One batch norm whose updates are collected, one (tf.keras's in a graph) whose are not:
+    # the second layer is named.
+    "one_bn_without_updates": (GOOD_HEAD + textwrap.dedent("""
+        def build(images, num_classes, is_training):
+            x = v1.layers.batch_normalization(images, training=is_training, name="collected")
+            x = tf.keras.layers.BatchNormalization(name="keras_bn")(x, training=is_training)
+            return head(x, num_classes), {}
+        """), r"batch normalization \(keras_bn/moving_mean, ...\) that adds no update to "
+              r"UPDATE_OPS"),
     # Fine while training, broken in inference mode (evaluation, export): found up front.
     # A kernel under another name than */w is not cast under --precision: found up front.
     "precision_unaware": (GOOD_HEAD + textwrap.dedent("""

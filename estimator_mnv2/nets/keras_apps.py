@@ -28,6 +28,7 @@ leaves out in a graph-mode model_fn (../shared/FACTS.md), each in one place:
 import functools
 import inspect
 import re
+import weakref
 
 import tensorflow as tf
 
@@ -57,6 +58,24 @@ _TORCH_STD = (0.229, 0.224, 0.225)
 _MIN_SIZE = {"Xception": 71, "InceptionV3": 75, "InceptionResNetV2": 75}
 
 _KERNELS = ("kernel", "depthwise_kernel", "pointwise_kernel")
+
+# The Keras model each graph's build made, for the weights import (keras_import), which pairs
+# a weights file's layers with the model's own layers, as Keras's load_weights does.
+_MODELS = weakref.WeakKeyDictionary()
+
+
+def built_model(graph):
+    """The Keras model that build() made last in `graph` (None if none)."""
+    return _MODELS.get(graph)
+
+
+def all_layers(model):
+    """Every layer of `model`, nested models' layers included (depth first, after the model
+    that holds them): momentum and freezing must reach a batch norm inside a sub-model."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, tf.keras.Model):
+            yield from all_layers(layer)
 
 # Keras's MobileNetV3 classifier puts a 1x1 conv with bias and hard-swish ('Conv_2') between
 # the pool and the logits; our head keeps it (as a dense layer) so that its tops import.
@@ -184,7 +203,8 @@ def build(images, num_classes, is_training, app, width=1.0, weight_decay=4e-5,
     scope = scope_name(app)
     with v1.variable_scope(scope, values=[images]):
         model = backbone(app, int(size), width, images.dtype)
-        for layer in model.layers:
+        _MODELS[v1.get_default_graph()] = model
+        for layer in all_layers(model):
             if isinstance(layer, tf.keras.layers.BatchNormalization):
                 # The article's 0.9 (ops.LayerDefaults), as for our networks.
                 layer.momentum = (ops.LayerDefaults().bn_momentum if bn_momentum is None
