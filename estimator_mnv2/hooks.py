@@ -34,14 +34,62 @@ def add_pause(run_context, seconds):
     setattr(run_context, PAUSED_SECONDS, getattr(run_context, PAUSED_SECONDS, 0.0) + seconds)
 
 
+class TrainingAccuracy:
+    """The mean top-1 of this process's training batches since the last take(): what an
+    evaluation in the same process compares its own top-1 with (explain_bn_lag)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sum, self._count = 0.0, 0
+
+    def add(self, accuracy):
+        with self._lock:
+            self._sum, self._count = self._sum + float(accuracy), self._count + 1
+
+    def take(self):
+        """(mean, batches) since the last take; (None, 0) when no batch trained."""
+        with self._lock:
+            result = (self._sum / self._count if self._count else None, self._count)
+            self._sum, self._count = 0.0, 0
+        return result
+
+
+training_accuracy = TrainingAccuracy()
+_explained = []
+
+
+def explain_bn_lag(eval_top1, step, num_classes, bn_momentum):
+    """Says once, when an evaluation's top-1 is far below the training batches' of the same
+    period (at least 0.5 above chance, eval under half of it), that the batch-norm moving
+    statistics evaluation uses probably lag the weights, and what to do. True if it spoke."""
+    train_top1, batches = training_accuracy.take()
+    chance = 1.0 / max(num_classes, 1)
+    if (_explained or train_top1 is None or batches < 5 or train_top1 < chance + 0.5
+            or eval_top1 > train_top1 / 2):
+        return False
+    _explained.append(step)
+    momentum = f"momentum {bn_momentum}" if bn_momentum is not None else "its momentum"
+    logging.warning(
+        "evaluation top-1 %.3f at step %d is far below the %.3f of the %d training batches "
+        "since the last evaluation. Likely cause: batch norm's moving statistics, which "
+        "evaluation uses (training uses each batch's), lag the weights (%s is too slow for "
+        "%d steps). Fix: a lower momentum (--bn_momentum, e.g. 0.9, or your network's "
+        "bn_momentum hparam) or train longer.", eval_top1, step, train_top1, batches,
+        momentum, step)
+    return True
+
+
 class ProgressHook(v1.train.SessionRunHook):
-    """Logs progress every `every_n_steps` steps of a run that ends at `max_steps`."""
+    """Logs progress every `every_n_steps` steps of a run that ends at `max_steps`; adds each
+    batch's training top-1 (`accuracy`) to `training_accuracy`."""
 
     def __init__(self, loss, learning_rate, batch_size, max_steps, every_n_steps,
-                 skipped_records=None):
+                 skipped_records=None, accuracy=None):
         self._fetches = {"loss": loss, "lr": learning_rate}
         if skipped_records is not None:
             self._fetches["skipped"] = skipped_records
+        if accuracy is not None:
+            self._fetches["accuracy"] = accuracy
         self._batch_size, self._max_steps = batch_size, max_steps
         self._every = max(1, every_n_steps)
 
@@ -55,6 +103,8 @@ class ProgressHook(v1.train.SessionRunHook):
 
     def after_run(self, run_context, run_values):
         r, now = run_values.results, time.time()
+        if "accuracy" in r:
+            training_accuracy.add(r["accuracy"])
         paused = getattr(run_context, PAUSED_SECONDS, 0.0)  # by hooks before this one
         step = int(r["step"]) + 1  # the step this run completed
         if self._last is None:

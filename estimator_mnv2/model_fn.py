@@ -212,15 +212,16 @@ def model_fn(features, labels, mode, params):
     v1.summary.scalar("learning_rate", lr)
     # `accuracy` and `loss` (Estimator's) are the evaluation's tags too: TensorBoard draws the
     # training and evaluation curves of each on one chart.
-    v1.summary.scalar("accuracy", tf.reduce_mean(
-        tf.cast(tf.equal(predictions["classes"], labels), tf.float32)))
+    train_accuracy = tf.reduce_mean(
+        tf.cast(tf.equal(predictions["classes"], labels), tf.float32))
+    v1.summary.scalar("accuracy", train_accuracy)
     v1.summary.image("input_images", (images + 1.0) / 2.0, max_outputs=3)
     skipped = (skipped_records(features[input_fn.RECORD_INDEX])
                if input_fn.RECORD_INDEX in features else None)
     # Under a mirrored strategy the progress line shows the first replica's loss (an all-reduce
     # here breaks variable creation in the replicas); TensorBoard's `loss` is the global one.
     progress = hooks.ProgressHook(loss, lr, cfg.batch_size, cfg.max_steps, cfg.log_every_steps,
-                                  skipped)
+                                  skipped, train_accuracy)
     return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op,
                                       scaffold=distribution.training_scaffold(cfg),
                                       training_hooks=[progress])

@@ -13,7 +13,16 @@ import tensorflow as tf
 from absl import logging
 
 from estimator_mnv2 import config as config_lib
-from estimator_mnv2 import console, distribution, export, guard, metrics, precision, warm_start
+from estimator_mnv2 import (
+    console,
+    distribution,
+    export,
+    guard,
+    hooks,
+    metrics,
+    precision,
+    warm_start,
+)
 from estimator_mnv2.config import Config
 from estimator_mnv2.data import build as build_lib
 from estimator_mnv2.data import input_fn as input_lib
@@ -218,7 +227,7 @@ def fit(cfg: Config, warm_start_from=None):
                 cluster = bool(distribution.tf_config().get("cluster"))
                 exporters = export.training_exporters(cfg) if cfg.export_during_training else []
                 # One console line per evaluation, and the best (earlier runs' too).
-                evaluations = EvaluationLog(best_evaluation(cfg.model_dir))
+                evaluations = EvaluationLog(best_evaluation(cfg.model_dir), cfg)
                 exporters.append(evaluations)
                 # Each evaluation reads the checkpoint saved every eval_every_steps; throttle_secs=0
                 # lets every one of them be evaluated instead of one per 10 minutes. An evaluator
@@ -335,8 +344,8 @@ class EvaluationLog(tf.estimator.Exporter):
     (in the process that evaluates), so it says one console line per evaluation and keeps the
     best top-1, as the in-memory evaluation does."""
 
-    def __init__(self, best=None):
-        self.best = best
+    def __init__(self, best=None, cfg=None):
+        self.best, self._cfg = best, cfg
 
     @property
     def name(self):
@@ -350,6 +359,9 @@ class EvaluationLog(tf.estimator.Exporter):
             self.best = {"accuracy": accuracy, "global_step": int(eval_result["global_step"])}
         console.say("evaluation at step %d: %s%s", int(eval_result["global_step"]),
                     format_metrics(eval_result), " (best so far)" if is_best else "")
+        if self._cfg is not None:  # silent where no batch trained (a cluster's evaluator)
+            hooks.explain_bn_lag(accuracy, int(eval_result["global_step"]),
+                                 self._cfg.num_classes, self._cfg.bn_momentum)
         return None
 
 
@@ -430,6 +442,8 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
         is_best = metrics["accuracy"] > best["accuracy"]
         console.say("evaluation at step %d: %s%s", int(metrics["global_step"]),
                     format_metrics(metrics), " (best so far)" if is_best else "")
+        hooks.explain_bn_lag(float(metrics["accuracy"]), int(metrics["global_step"]),
+                             cfg.num_classes, cfg.bn_momentum)
         if is_best:
             step = int(metrics["global_step"])
             evaluation.save_evaluated(os.path.join(best_dir, "model.ckpt"), step)
@@ -441,8 +455,6 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
                          metrics["accuracy"], cfg.stop_at_accuracy, metrics["global_step"])
             return True
         return False
-
-    from estimator_mnv2 import hooks
 
     interrupted = lambda: stop.signum is not None  # noqa: E731
     evaluation = hooks.InMemoryEvaluation(estimator, eval_input, cfg.eval_steps or None,

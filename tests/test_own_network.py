@@ -273,3 +273,47 @@ def test_module_networks_inside_a_model_dir_are_found_without_running_them(tmp_p
             nets.resolve("pkg.sub.net:build", model_dirs=(str(model_dir),))
         assert f"'pkg.sub.net:build': {found} lies inside" in str(info.value)
     assert "pkg" not in sys.modules
+
+
+LAGGY = """
+import tensorflow as tf
+v1 = tf.compat.v1
+
+def build(images, num_classes, is_training, bn_momentum=None):
+    # Large features with a different offset per channel: batch norm's moving statistics
+    # (momentum 0.999) stay near their initial 0 and 1 over a short run, so inference mode
+    # keeps offsets that training mode removed.
+    x = v1.layers.batch_normalization(images * 50.0 + [200.0, -200.0, 0.0], training=is_training,
+                                      momentum=bn_momentum or 0.999, name="bn")
+    net = tf.reduce_mean(x, axis=[1, 2])
+    w = v1.get_variable("w", [3, num_classes])
+    return tf.matmul(net, w), {}
+"""
+
+
+def test_evaluation_far_below_training_explains_batch_norm_lag(data_dir, tmp_path):
+    (tmp_path / "laggy.py").write_text(LAGGY)
+    common = ["--network=laggy:build", "--data_dir", data_dir, "--image_size=32",
+              "--batch_size=8", "--eval_every_steps=20", "--optimizer=adam",
+              "--learning_rate=0.05", "--lr_schedule=constant", "--seed=0",
+              "--export_during_training=false"]
+    out = run_script("train.py", *common, "--model_dir", str(tmp_path / "slow"),
+                     "--train_steps=40", cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = [line for line in (out.stdout + out.stderr).splitlines()
+            if "Likely cause: batch norm's moving statistics" in line]
+    evaluations = top1s(out.stdout + out.stderr)
+    assert len(evaluations) == 2 and max(evaluations) < 0.5, out.stdout + out.stderr
+    assert len(said) == 1, out.stdout + out.stderr  # once, though both evaluations are low
+    assert "momentum" in said[0] and "--bn_momentum" in said[0]
+    # The fix it names works, and then nothing is said.
+    out = run_script("train.py", *common, "--model_dir", str(tmp_path / "fixed"),
+                     "--train_steps=40", "--bn_momentum=0.5", cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Likely cause" not in out.stdout + out.stderr
+    assert top1s(out.stdout + out.stderr) == [1.0, 1.0]
+
+
+def top1s(console_out):
+    return [float(line.split("top-1 ")[1].split(",")[0]) for line in console_out.splitlines()
+            if line.startswith("evaluation at step")]
