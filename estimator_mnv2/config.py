@@ -268,14 +268,14 @@ def save(config: Config, model_dir):
     os.replace(tmp, path)  # never a half-written config
 
 
-def load(model_dir, named_network=None, trust_network=False) -> Optional[Config]:
+def load(model_dir, named_network=None, trust_network=None) -> Optional[Config]:
     """The config saved in `model_dir`, or None if there is none.
 
     A model folder is data, never code: a `module.path:function` network that config.json
     records is imported only when the user named the same value (`named_network`, their
-    --network) or trusts the folder (--trust_network), and never from a file inside the folder.
-    Otherwise ConfigError says what config.json asks to import and how to allow it, before
-    anything is imported.
+    --network) or trusts the folder (--trust_network; None: the command has no such flag), and
+    never from a file inside the folder. Otherwise ConfigError says what config.json asks to
+    import and how to allow it, before anything is imported.
     """
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.exists(path):
@@ -287,9 +287,10 @@ def load(model_dir, named_network=None, trust_network=False) -> Optional[Config]
             raise ConfigError("model_dir", f"{path} is damaged ({e}); restore it or use a "
                                            f"new --model_dir") from None
     if nets.is_module_spec(cfg.network) and not trust_network and named_network != cfg.network:
+        trust = " (or pass --trust_network)" if trust_network is not None else ""
         raise ConfigError("network", f"{path} asks to import {cfg.network!r}, code that a model "
                           f"folder does not get to choose; to allow it, name it yourself with "
-                          f"--network={cfg.network} (or pass --trust_network)")
+                          f"--network={cfg.network}{trust}")
     try:
         cfg.resolve_network(model_dir)
     except ConfigError as e:

@@ -79,11 +79,9 @@ class WorkerSaver(tf.compat.v1.train.Saver):
 
 def training_scaffold(cfg: Config):
     """The training Scaffold: a WorkerSaver (with Estimator's default Saver's settings) on a
-    multi_worker_mirrored worker of a cluster with a chief; None (Estimator's) elsewhere."""
-    # In a cluster without a chief (or master), worker 0 is TensorFlow's chief and keeps its
-    # list.
-    if (cfg.distribution_strategy != "multi_worker_mirrored" or task()[0] != "worker"
-            or not any((tf_config().get("cluster") or {}).get(t) for t in ("chief", "master"))):
+    multi_worker_mirrored worker (a cluster always has a chief: check_cluster); None
+    (Estimator's) elsewhere."""
+    if cfg.distribution_strategy != "multi_worker_mirrored" or task()[0] != "worker":
         return None
     return tf.compat.v1.train.Scaffold(saver=WorkerSaver(
         sharded=True, max_to_keep=cfg.keep_checkpoint_max, defer_build=True,
@@ -111,6 +109,10 @@ def check_cluster(cfg: Config):
     """Refuses a strategy that the TF_CONFIG cluster (or its absence) cannot run."""
     cluster = tf_config().get("cluster") or {}
     kind = cfg.distribution_strategy
+    if cluster and not (cluster.get("chief") or cluster.get("master")):
+        raise ConfigError("distribution_strategy", f"TF_CONFIG's cluster has no chief (tasks: "
+                          f"{', '.join(sorted(cluster))}); Estimator needs exactly one: add a "
+                          f"'chief' task (scripts/launch_local_cluster.py writes one)")
     if kind == "parameter_server" and not cluster.get("ps"):
         raise ConfigError("distribution_strategy", "parameter_server needs a TF_CONFIG cluster "
                           "with ps tasks (see scripts/launch_local_cluster.py)")
@@ -162,9 +164,9 @@ def _multi_worker_strategy():
     return tf.compat.v1.distribute.experimental.MultiWorkerMirroredStrategy()
 
 
-def make_strategy(cfg: Config, announce=True):
-    """The tf.distribute strategy for RunConfig(train_distribute=...), or None; `announce`
-    says a mirrored one on the console (training; not evaluate.py or export.py)."""
+def make_strategy(cfg: Config):
+    """The tf.distribute strategy for RunConfig(train_distribute=...) of a training process,
+    or None; a mirrored one is said on the console."""
     devices = check(cfg)
     kind = cfg.distribution_strategy
     if kind in ("none", "parameter_server"):
@@ -174,9 +176,8 @@ def make_strategy(cfg: Config, announce=True):
             return None  # the evaluator evaluates on its own
         return _multi_worker_strategy()
     on_gpus = all("GPU" in d for d in devices)
-    if announce:
-        console.say("mirrored strategy over %s, %d images per replica per step",
-                    ", ".join(devices), cfg.batch_size // len(devices))
+    console.say("mirrored strategy over %s, %d images per replica per step",
+                ", ".join(devices), cfg.batch_size // len(devices))
     return tf.distribute.MirroredStrategy(
         devices, cross_device_ops=None if on_gpus else tf.distribute.ReductionToOneDevice())
 

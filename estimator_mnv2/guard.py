@@ -85,9 +85,7 @@ def acquire_lock(model_dir):
             if other.get("pid") == me["pid"] and other.get("host") == me["host"]:
                 return path
             if other.get("host") == me["host"] and not _alive(int(other.get("pid", -1))):
-                logging.warning("taking over %s left by process %s, which no longer runs",
-                                path, other.get("pid"))
-                os.remove(path)
+                _remove_stale(path, other)
                 continue
             if not other:  # being written right now by another process
                 time.sleep(0.2)
@@ -104,6 +102,27 @@ def acquire_lock(model_dir):
         f"{path} exists but names no process (empty or unreadable: left by a crash while it "
         f"was being written?). If no training process is using {model_dir}, delete {path} "
         f"and run the command again")
+
+
+def _remove_stale(path, stale):
+    """Removes the lock file at `path` if it still holds `stale` (a dead process's lock),
+    under an flock on `path`.takeover that every process taking over this lock holds while it
+    reads and removes: a process that judged the same lock stale a moment ago then finds the
+    new owner's lock instead and leaves it (without the flock it deleted the lock another
+    process had just created, and both trained into one model_dir)."""
+    import fcntl
+
+    with open(path + ".takeover", "a") as guard_file:
+        fcntl.flock(guard_file, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            with open(path) as f:
+                current = json.load(f)
+        except (OSError, ValueError):
+            return  # gone or being written: the caller tries again
+        if current == stale:
+            logging.warning("taking over %s left by process %s, which no longer runs",
+                            path, stale.get("pid"))
+            os.remove(path)
 
 
 def release_lock(model_dir):

@@ -58,24 +58,31 @@ training_accuracy = TrainingAccuracy()
 _explained = []
 
 
+def reset_bn_lag():
+    """A new training run in this process: nothing said yet, no batches counted."""
+    training_accuracy.take()
+    _explained.clear()
+
+
 def explain_bn_lag(eval_top1, step, num_classes, bn_momentum):
     """Says once, when an evaluation's top-1 is far below the training batches' of the same
-    period (at least 0.5 above chance, eval under half of it), that the batch-norm moving
-    statistics evaluation uses probably lag the weights, and what to do. True if it spoke."""
+    period (training at least halfway from chance to 1, evaluation under half of it), that
+    the batch-norm moving statistics evaluation uses probably lag the weights, and what to do.
+    True if it spoke."""
     train_top1, batches = training_accuracy.take()
     chance = 1.0 / max(num_classes, 1)
-    if (_explained or train_top1 is None or batches < 5 or train_top1 < chance + 0.5
-            or eval_top1 > train_top1 / 2):
+    if (_explained or train_top1 is None or batches < 5
+            or train_top1 < chance + 0.5 * (1 - chance) or eval_top1 > train_top1 / 2):
         return False
     _explained.append(step)
-    momentum = f"momentum {bn_momentum}" if bn_momentum is not None else "its momentum"
+    momentum = (f"--bn_momentum={bn_momentum} is" if bn_momentum is not None
+                else "the network's default momentum is")
     logging.warning(
         "evaluation top-1 %.3f at step %d is far below the %.3f of the %d training batches "
         "since the last evaluation. Likely cause: batch norm's moving statistics, which "
-        "evaluation uses (training uses each batch's), lag the weights (%s is too slow for "
-        "%d steps). Fix: a lower momentum (--bn_momentum, e.g. 0.9, or your network's "
-        "bn_momentum hparam) or train longer.", eval_top1, step, train_top1, batches,
-        momentum, step)
+        "evaluation uses (training uses each batch's), lag the weights (%s too slow for %d "
+        "steps). Fix: a lower momentum (--bn_momentum, your network's bn_momentum argument) "
+        "or train longer.", eval_top1, step, train_top1, batches, momentum, step)
     return True
 
 

@@ -11,6 +11,7 @@ a top, a config.json beside it makes the folder a model_dir that `scripts/export
 
 import json
 import os
+import re
 
 import h5py
 import numpy as np
@@ -125,7 +126,8 @@ def pair_layers(model, layers, head_layers=()):
     """Pairs `model`'s layers that hold weights with a file's (read_keras_layers), as Keras's
     load_weights does: by layer name when the file names every one of them, otherwise by
     order (layers Keras numbered automatically, e.g. 'conv2d_7', are named by how many such
-    layers the saving session had made before). Layers in `head_layers` are left out.
+    layers the saving session had made before), each pair's names equal but for that number.
+    Layers in `head_layers` are left out.
 
     Returns (pairs [(keras layer, file layer name, file weights)], how, unknown file layers,
     model layers missing from the file); no pairs when neither way fits."""
@@ -137,28 +139,35 @@ def pair_layers(model, layers, head_layers=()):
     if all(layer.name in by_name for layer in ours):
         return [(layer, layer.name, by_name[layer.name]) for layer in ours], "by layer name", \
             unknown, []
-    if len(body) == len(ours):
+    numberless = lambda name: re.sub(r"_[0-9]+$", "", name)  # noqa: E731
+    if len(body) == len(ours) and all(numberless(layer.name) == numberless(name)
+                                      for layer, (name, _) in zip(ours, body)):
         return [(layer, name, weights) for layer, (name, weights) in zip(ours, body)], (
-            "by layer order (the file's layer names differ from the model's, as Keras's "
-            "load_weights matches them)"), [], []
+            "by layer order (the file's layer names differ from the model's only in Keras's "
+            "automatic numbers; Keras's load_weights matches them so)"), [], []
     return [], None, unknown, [layer.name for layer in ours if layer.name not in by_name]
 
 
 REPORT_FILE = "import_report.json"
 
 
-def check_output_dir(output_dir):
+def check_output_dir(output_dir, network, width):
     """Refuses (ValueError naming --output_dir, nothing written) a folder that holds another
-    model: a checkpoint index or config.json, unless they are an earlier import's (its
-    import_report.json, its model.ckpt) that nothing trained on since."""
+    model: a checkpoint index or config.json, unless they are an earlier import of the same
+    network and width (its import_report.json, its model.ckpt) that nothing trained on since."""
     if os.path.isfile(output_dir):
         raise ValueError(f"--output_dir: {output_dir} is a file, not a folder")
     if not os.path.isdir(output_dir):
         return
     state = tf.train.get_checkpoint_state(output_dir)
     trained = state is not None and os.path.basename(state.model_checkpoint_path) != "model.ckpt"
-    if os.path.exists(os.path.join(output_dir, REPORT_FILE)) and not trained:
-        return  # an import, imported again
+    try:
+        with open(os.path.join(output_dir, REPORT_FILE)) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        earlier = {}
+    if not trained and (earlier.get("network"), earlier.get("width")) == (network, width):
+        return  # the same import, made again
     held = [name for name in ("checkpoint", config_lib.CONFIG_FILE)
             if os.path.exists(os.path.join(output_dir, name))]
     if held:
@@ -186,7 +195,7 @@ def import_weights(network, h5_path, output_dir, width=1.0, image_size=224, clas
     if network != "mobilenet_v2" and not network.startswith(nets.KERAS_PREFIX):
         raise config_lib.ConfigError("network", f"{network!r}: Keras weights import into "
                                      f"mobilenet_v2 or keras/<Name>")
-    check_output_dir(output_dir)
+    check_output_dir(output_dir, network, width)
     layers = read_keras_layers(h5_path)
     app = network[len(nets.KERAS_PREFIX):] if network != "mobilenet_v2" else None
     top = keras_apps.top_names(app or "MobileNetV2")
@@ -262,6 +271,8 @@ def import_weights(network, h5_path, output_dir, width=1.0, image_size=224, clas
                                 write_meta_graph=False)
     if has_top:
         config_lib.save(cfg, output_dir)  # export.py --model_dir output_dir serves it
+    elif os.path.exists(os.path.join(output_dir, config_lib.CONFIG_FILE)):
+        os.remove(os.path.join(output_dir, config_lib.CONFIG_FILE))  # an earlier import's top
     report = {"keras_weights": os.path.abspath(h5_path), "network": network, "width": width,
               "image_size": image_size, "num_classes": num_classes if has_top else None,
               "variables": len(values), "checkpoint": prefix,
@@ -298,6 +309,10 @@ def _application_values(model, layers, app, head_layers, width, values, notes, a
         for variable, (weight, value) in zip(ours, weights):
             target = variable.name.split(":")[0]
             shape = variable.shape.as_list()
+            if _short(weight) != _short(variable.name):
+                problems.append(f"{name}/{_short(weight)}: the file's weight where {target} "
+                                f"belongs")
+                continue
             if list(value.shape) != shape:
                 problems.append(f"{name}/{_short(weight)}: shape {list(value.shape)} does not "
                                 f"fit {target} {shape} at --width={width}")

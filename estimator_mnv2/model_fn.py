@@ -48,9 +48,21 @@ def assigned_variables(updates):
         seen.add(op.name)
         if op.type in _ASSIGNS:
             targets.add(op.inputs[0].op.name)  # the variable (VarHandleOp, VariableV2)
-            continue
-        stack += [t.op for t in op.inputs] + list(op.control_inputs)
+            inputs = op.inputs[1:]  # the value may hold assignments of its own (zero_debias)
+        else:
+            inputs = op.inputs
+        stack += [t.op for t in inputs] + list(op.control_inputs)
     return targets
+
+
+def _inference_only(variable):
+    """True when every fused batch norm that reads `variable` runs in inference mode (a
+    frozen layer's statistics rightly stay put); False when one trains or none is found."""
+    norms, frontier = [], [variable.op]
+    for _ in range(4):  # variable -> read -> (identity, cast) -> batch norm
+        frontier = [c for op in frontier for out in op.outputs for c in out.consumers()]
+        norms += [op for op in frontier if op.type.startswith("FusedBatchNorm")]
+    return bool(norms) and not any(op.get_attr("is_training") for op in norms)
 
 
 def check_network(cfg: Config):
@@ -103,7 +115,8 @@ def check_network(cfg: Config):
             updated = assigned_variables(v1.get_collection(v1.GraphKeys.UPDATE_OPS))
             moving = ([] if cfg.freeze_batch_norm else
                       [v.op.name for v in v1.global_variables()
-                       if "moving_" in v.op.name and v.op.name not in updated])
+                       if v.op.name.endswith(("moving_mean", "moving_variance"))
+                       and v.op.name not in updated and not _inference_only(v)])
             if moving or (norms and not updated):
                 raise ConfigError("network", (
                     f"{name} has batch normalization ({(moving or norms)[0]}, ...) that adds "

@@ -173,7 +173,9 @@ def make_estimator(cfg: Config, warm_start_from=None, training=True):
         checkpoint_save_graph_def=cfg.save_graph_def,
         save_summary_steps=min(cfg.log_every_steps, 100),
         log_step_count_steps=None,  # ProgressHook logs loss, lr, examples/s and time left
-        train_distribute=distribution.make_strategy(cfg, announce=training))
+        # Evaluation and export build no training strategy: a cluster-trained model_dir's
+        # multi_worker_mirrored or parameter_server needs a TF_CONFIG that they do not have.
+        train_distribute=distribution.make_strategy(cfg) if training else None)
     # Ours on top of the session settings RunConfig derived from TF_CONFIG (device filters).
     run_config = run_config.replace(session_config=precision.session_config(
         cfg, training and distribution.task()[0] != "evaluator", run_config.session_config))
@@ -198,6 +200,7 @@ def fit(cfg: Config, warm_start_from=None):
       and bad records, each named.
     """
     precision.warn_without_gpu(cfg)
+    hooks.reset_bn_lag()
     started = time.time()
     estimator = make_estimator(cfg, warm_start_from)
     say_start(cfg)
@@ -257,9 +260,12 @@ def fit(cfg: Config, warm_start_from=None):
             raise guard.TrainingError(_damaged_checkpoint(cfg, e)) from None
         files = input_lib.resolve_files(cfg.train_files) + input_lib.resolve_files(
             cfg.eval_files)
-        bad = "; ".join(f"{f}: {why}" for f, why in input_lib.find_corrupt_files(files))
+        corrupt, scanned, complete = input_lib.find_corrupt_files(files)
+        bad = "; ".join(f"{f}: {why}" for f, why in corrupt) or (
+            "shard not found again" if complete else
+            f"none among the first {scanned} records read; the search stops there")
         raise guard.TrainingError(
-            f"unreadable TFRecords ({bad or 'shard not found again'}). Rebuild them with "
+            f"unreadable TFRecords ({bad}). Rebuild them with "
             f"scripts/build_tfrecords.py, or pass --skip_corrupt_records to skip bad "
             f"records.") from None
     except tf.errors.InvalidArgumentError as e:
@@ -339,6 +345,15 @@ def format_metrics(metrics):
                      if key in metrics)
 
 
+def explain_bn_lag(cfg: Config, top1, step):
+    """hooks.explain_bn_lag where batch norm is the likely cause of a gap: not with moving
+    averages of the weights (evaluation reads those, and they lag too) or frozen batch norm."""
+    if cfg.moving_average_decay > 0 or cfg.freeze_batch_norm:
+        hooks.training_accuracy.take()
+        return
+    hooks.explain_bn_lag(top1, step, cfg.num_classes, cfg.bn_momentum)
+
+
 class EvaluationLog(tf.estimator.Exporter):
     """An exporter that writes nothing: train_and_evaluate calls it after every evaluation
     (in the process that evaluates), so it says one console line per evaluation and keeps the
@@ -360,8 +375,7 @@ class EvaluationLog(tf.estimator.Exporter):
         console.say("evaluation at step %d: %s%s", int(eval_result["global_step"]),
                     format_metrics(eval_result), " (best so far)" if is_best else "")
         if self._cfg is not None:  # silent where no batch trained (a cluster's evaluator)
-            hooks.explain_bn_lag(accuracy, int(eval_result["global_step"]),
-                                 self._cfg.num_classes, self._cfg.bn_momentum)
+            explain_bn_lag(self._cfg, accuracy, int(eval_result["global_step"]))
         return None
 
 
@@ -442,8 +456,7 @@ def _train_and_evaluate_in_memory(cfg, estimator, train_input, eval_input, stop)
         is_best = metrics["accuracy"] > best["accuracy"]
         console.say("evaluation at step %d: %s%s", int(metrics["global_step"]),
                     format_metrics(metrics), " (best so far)" if is_best else "")
-        hooks.explain_bn_lag(float(metrics["accuracy"]), int(metrics["global_step"]),
-                             cfg.num_classes, cfg.bn_momentum)
+        explain_bn_lag(cfg, float(metrics["accuracy"]), int(metrics["global_step"]))
         if is_best:
             step = int(metrics["global_step"])
             evaluation.save_evaluated(os.path.join(best_dir, "model.ckpt"), step)

@@ -244,6 +244,42 @@ def test_a_restarted_worker_keeps_its_hands_off_the_chiefs_checkpoints(tmp_path,
             os.remove(f)
 
 
+def test_a_cluster_without_a_chief_is_a_flag_error(data_dir, tmp_path, monkeypatch):
+    """Estimator needs one chief: a worker-only TF_CONFIG is refused in one line (exit 2),
+    not by RunConfig's traceback."""
+    monkeypatch.setenv("TF_CONFIG", json.dumps({
+        "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+        "task": {"type": "worker", "index": 0}}))
+    model_dir = tmp_path / "model"
+    r = run_script("train.py", f"--model_dir={model_dir}", f"--data_dir={data_dir}",
+                   "--train_steps=2", "--distribution_strategy=multi_worker_mirrored", *COMMON)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: --distribution_strategy: TF_CONFIG's cluster has no chief (tasks: worker); "
+        "Estimator needs exactly one: add a 'chief' task (scripts/launch_local_cluster.py "
+        "writes one)")
+    assert not model_dir.exists()
+
+
+def test_a_cluster_trained_model_dir_evaluates_and_exports_without_a_cluster(
+        trained_model_dir, tmp_path):
+    """config.json of a model_dir trained by a cluster names a strategy that needs TF_CONFIG;
+    evaluate.py and export.py build no training strategy and run anywhere."""
+    import shutil
+
+    for strategy, script in (("multi_worker_mirrored", "evaluate.py"),
+                             ("parameter_server", "export.py")):
+        model_dir = tmp_path / strategy
+        shutil.copytree(trained_model_dir, model_dir)
+        saved = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps(
+            {**saved, "distribution_strategy": strategy}))
+        r = run_script(script, f"--model_dir={model_dir}")
+        assert r.returncode == 0, (strategy, r.stderr[-2000:])
+        written = "eval_metrics.json" if script == "evaluate.py" else "export/manual"
+        assert (model_dir / written).exists(), strategy
+
+
 def test_ps_cluster_with_the_wrong_strategy_is_refused(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", tf_config("chief", 0))
     cfg = tiny_config(str(tmp_path / "m"), data_dir)

@@ -126,6 +126,9 @@ def test_an_import_never_lands_in_a_training_run(tmp_path, trained_model_dir):
     for _ in range(2):  # the import's own folder: written again
         keras_import.import_weights("keras/MobileNetV2", h5, imported, width=0.35,
                                     image_size=32)
+    with pytest.raises(ValueError, match=f"--output_dir: {imported} already holds a model"):
+        keras_import.import_weights("keras/MobileNetV2", h5, imported, width=0.5,
+                                    image_size=32)  # another model's import: refused too
 
 
 def test_weights_of_another_network_are_named(tmp_path):

@@ -80,12 +80,25 @@ def test_batch_norm_updates_momentum_and_weight_decay():
     np.testing.assert_allclose(means[1], 1.5 * means[0], rtol=1e-3, atol=1e-5)
 
 
+def test_variable_names_are_those_earlier_versions_wrote():
+    """Checkpoints of earlier versions restore: the variables of keras/ networks keep the
+    names and shapes recorded in tests/data/keras_variables.json (Xception has layers Keras
+    numbers automatically), however many Keras layers this process made before."""
+    with open(os.path.join(os.path.dirname(__file__), "data", "keras_variables.json")) as f:
+        recorded = json.load(f)
+    tf.keras.layers.Conv2D(1, 1)(tf.zeros([1, 4, 4, 1]))  # numbers taken in the default graph
+    tf.keras.layers.BatchNormalization()(tf.zeros([1, 4]))
+    for name, size, hparams in ((CHEAP, 32, {"width": 0.35}), ("keras/Xception", 71, {})):
+        graph, *_ = build(name, size=size, **hparams)
+        with graph.as_default():
+            built = {v.op.name: v.shape.as_list() for v in v1.global_variables()}
+        assert built == recorded[name], sorted(set(built) ^ set(recorded[name]))[:10]
+
+
 def test_inference_mode_adds_no_updates_and_names_are_stable(keras_model_dir):
-    """The graphs built now, after other Keras models in this process, have the names and
-    shapes of the checkpoint that training wrote (a resumed run, an evaluation and an export
-    restore it); evaluation adds no batch-norm updates."""
-    tf.keras.layers.Conv2D(1, 1)  # Keras's automatic names must not depend on what came before
-    tf.keras.layers.BatchNormalization()
+    """The graphs built now have the names and shapes of the checkpoint that training wrote
+    (a resumed run, an evaluation and an export restore it); evaluation adds no batch-norm
+    updates."""
     cfg, _ = keras_model_dir
     written = {name: shape for name, shape in
                tf.train.list_variables(tf.train.latest_checkpoint(cfg.model_dir))

@@ -242,17 +242,20 @@ def test_a_model_folder_never_makes_us_import_its_code(trained_model_dir, data_d
                f"--network=checkpoints.shared.payload:net (or pass --trust_network)")
     inside = ("error: --network: 'checkpoints.shared.payload:net': "
               f"{os.path.join(str(shared), '__init__.py')} lies inside the model folder")
+    train = ["--data_dir", data_dir, "--image_size=32", "--width=0.35", "--train_steps=8"]
     runs = [("export.py", [], refusal), ("evaluate.py", [], refusal),
-            ("train.py", ["--data_dir", data_dir, "--image_size=32", "--width=0.35",
-                          "--train_steps=8"], refusal),
+            # train.py has no --trust_network: the names must match anyway
+            ("train.py", train, refusal.replace(" (or pass --trust_network)", "")),
             ("export.py", ["--trust_network"], inside),
-            ("evaluate.py", ["--network=checkpoints.shared.payload:net"], inside)]
+            ("evaluate.py", ["--network=checkpoints.shared.payload:net"], inside),
+            ("train.py", [*train, "--network=checkpoints.shared.payload:net"], inside)]
     before = sorted(os.listdir(shared))
     for script, args, message in runs:
         out = run_script(script, "--model_dir", model_dir, *args, cwd=str(tmp_path))
         assert out.returncode == 2, (script, args, out.stderr[-3000:])
         last = out.stderr.strip().splitlines()[-1]
-        assert last.startswith(message), (script, args, last)
+        assert last.startswith(message) and (message == inside or last == message), (
+            script, args, last)
         assert sorted(os.listdir(shared)) == before, (script, args)  # no marker, no file
     assert not (tmp_path / "export").exists()
 
@@ -273,6 +276,15 @@ def test_module_networks_inside_a_model_dir_are_found_without_running_them(tmp_p
             nets.resolve("pkg.sub.net:build", model_dirs=(str(model_dir),))
         assert f"'pkg.sub.net:build': {found} lies inside" in str(info.value)
     assert "pkg" not in sys.modules
+    # A package of compiled code only (__init__.pyc) inside the model folder wins over a module
+    # file of the same name beside it, as the import system has it.
+    shared = tmp_path / "lib" / "ns" / "shared"
+    shared.mkdir(parents=True)
+    (shared / "__init__.pyc").write_bytes(b"")
+    (tmp_path / "lib" / "ns" / "shared.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    assert nets._file_inside("ns.shared", [str(shared)]) == str(shared / "__init__.pyc")
+    assert nets._file_inside("ns.shared", ["/"]) is not None  # a root folder holds everything
 
 
 LAGGY = """
@@ -317,3 +329,39 @@ def test_evaluation_far_below_training_explains_batch_norm_lag(data_dir, tmp_pat
 def top1s(console_out):
     return [float(line.split("top-1 ")[1].split(",")[0]) for line in console_out.splitlines()
             if line.startswith("evaluation at step")]
+
+
+HAND_ROLLED_BN = GOOD_HEAD + textwrap.dedent("""
+    from tensorflow.python.training.moving_averages import assign_moving_average
+
+    def build(images, num_classes, is_training):
+        # tf.nn batch norm with its updates added by hand (zero-debiased moving averages, as
+        # tf.compat.v1.train.assign_moving_average makes by default), and a frozen one.
+        x = images
+        for name, trains in (("trained", is_training), ("frozen", False)):
+            with v1.variable_scope(name):
+                c = x.shape[-1]
+                gamma = v1.get_variable("gamma", [c], initializer=v1.ones_initializer())
+                beta = v1.get_variable("beta", [c], initializer=v1.zeros_initializer())
+                mean = v1.get_variable("moving_mean", [c], trainable=False,
+                                       initializer=v1.zeros_initializer())
+                var = v1.get_variable("moving_variance", [c], trainable=False,
+                                      initializer=v1.ones_initializer())
+                if trains:
+                    m, s = tf.nn.moments(x, [0, 1, 2])
+                    for stat, value in ((mean, m), (var, s)):
+                        v1.add_to_collection(v1.GraphKeys.UPDATE_OPS,
+                                             assign_moving_average(stat, value, 0.9))
+                    x = tf.nn.batch_normalization(x, m, s, beta, gamma, 1e-3)
+                else:
+                    x, _, _ = v1.nn.fused_batch_norm(x, gamma, beta, mean=mean, variance=var,
+                                                     is_training=False)
+        return head(x, num_classes), {}
+    """)
+
+
+def test_hand_rolled_and_frozen_batch_norm_pass_the_check(user_modules, data_dir, tmp_path):
+    (user_modules / "hand_bn.py").write_text(HAND_ROLLED_BN)
+    cfg = tiny_config(str(tmp_path / "model"), data_dir, network="hand_bn:build", width=1.0,
+                      weight_decay=0.0)
+    assert model_fn.check_network(cfg) == []

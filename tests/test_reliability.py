@@ -122,6 +122,69 @@ def test_second_process_on_the_same_model_dir_is_refused(data_dir, tmp_path):
     guard.release_lock(cfg.model_dir)
 
 
+CONTENDER = """
+import sys, time
+from estimator_mnv2 import guard
+print("ready", flush=True)
+try:
+    guard.acquire_lock(sys.argv[1])
+    print("acquired", flush=True)
+    time.sleep(60)
+except guard.TrainingError as e:
+    print("refused", e, flush=True)
+"""
+
+
+def test_two_processes_taking_over_one_stale_lock_never_both_get_it(tmp_path, monkeypatch):
+    """This process judges a dead process's lock stale; just before it removes the file,
+    another process takes the same stale lock over. Exactly one of the two may hold it."""
+    import queue
+    import threading
+
+    model_dir = str(tmp_path)
+    path = os.path.join(model_dir, guard.LOCK_FILE)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(path, "w") as f:
+        json.dump({"pid": dead.pid, "host": os.uname().nodename, "started": "earlier"}, f)
+    contender, lines = None, queue.Queue()
+    real_remove = os.remove
+
+    def remove_late(target, *args, **kwargs):
+        nonlocal contender
+        if target == path and contender is None:
+            contender = subprocess.Popen(
+                [sys.executable, "-c", CONTENDER, model_dir], stdout=subprocess.PIPE, text=True,
+                env={**os.environ, "PYTHONPATH": ROOT})
+            threading.Thread(target=lambda: [lines.put(x) for x in contender.stdout],
+                             daemon=True).start()
+            assert lines.get(timeout=120).startswith("ready")
+            try:  # it takes the lock over now if nothing stops it
+                lines.put(lines.get(timeout=3))
+            except queue.Empty:
+                pass  # it waits for this takeover to finish
+        return real_remove(target, *args, **kwargs)
+
+    monkeypatch.setattr(guard.os, "remove", remove_late)
+    try:
+        try:
+            guard.acquire_lock(model_dir)
+            here = "acquired"
+        except guard.TrainingError:
+            here = "refused"
+        monkeypatch.setattr(guard.os, "remove", real_remove)
+        there = lines.get(timeout=120).split()[0]
+        assert sorted([here, there]) == ["acquired", "refused"], (here, there)
+        with open(path) as f:
+            holder = json.load(f)["pid"]
+        assert holder == (os.getpid() if here == "acquired" else contender.pid)
+    finally:
+        if contender is not None:
+            contender.kill()
+            contender.wait()
+        guard.release_lock(model_dir)
+
+
 def test_empty_lock_file_says_what_it_is_and_how_to_clear_it(tmp_path):
     """A lock left empty by a crash while it was being written: the error says so, names the
     file and says when deleting it is safe (it used to be "could not take <path>")."""
@@ -219,6 +282,23 @@ def test_undecodable_image_search_is_bounded_and_passes_unreadable_files(data_di
     assert found[:2] == (shard, 0) and scanned > 2
     assert input_lib.find_undecodable_record(files, fmt, max_records=2) == (None, 2)
     assert input_lib.find_undecodable_record(files, fmt, max_seconds=0) == (None, 0)
+
+    # The unreadable-file search after a DataLossError: the same kind of budget.
+    corrupt, scanned, complete = input_lib.find_corrupt_files(files)
+    assert [f for f, _ in corrupt] == [str(first)] and complete and scanned > 2
+    assert input_lib.find_corrupt_files(files, max_records=2) == ([], 2, False)
+    assert input_lib.find_corrupt_files(files, max_seconds=0) == ([], 0, False)
+
+
+def test_both_searches_after_a_data_error_keep_their_limits():
+    """Training's error path calls both searches with their defaults: an ImageNet-size set
+    would take hours without them."""
+    import inspect
+
+    for search, records in ((input_lib.find_undecodable_record, 20000),
+                            (input_lib.find_corrupt_files, 200000)):
+        defaults = {name: p.default for name, p in inspect.signature(search).parameters.items()}
+        assert (defaults["max_records"], defaults["max_seconds"]) == (records, 60.0), search
 
 
 def test_export_dir_that_is_a_file_is_refused(trained_model_dir, tmp_path):

@@ -128,17 +128,25 @@ def scan_labels(files, fmt: schema.RecordFormat, num_classes, max_records):
     return scanned, bad
 
 
-def find_corrupt_files(files):
-    """[(file, error)] for the TFRecord files whose records cannot be read (truncated shard,
-    flipped bytes): TensorFlow's own read error does not say which file it was."""
-    corrupt = []
+def find_corrupt_files(files, max_records=200000, max_seconds=60.0):
+    """Looks for the TFRecord files whose records cannot be read (truncated shard, flipped
+    bytes) after training failed on one (TensorFlow's read error does not say which file),
+    reading at most `max_records` records or for `max_seconds` (an ImageNet-size set holds
+    over a million).
+
+    Returns:
+      ([(file, error)] found, number of records read, True if every file was read to its end).
+    """
+    start, scanned, corrupt = time.monotonic(), 0, []
     for f in files:
         try:
             for _ in tf.data.TFRecordDataset(f):
-                pass
+                if scanned >= max_records or time.monotonic() - start > max_seconds:
+                    return corrupt, scanned, False
+                scanned += 1
         except tf.errors.DataLossError as e:
             corrupt.append((f, guard.error_summary(e)))
-    return corrupt
+    return corrupt, scanned, True
 
 
 def data_service_job(config, files):

@@ -171,18 +171,20 @@ def _file_inside(module_name, model_dirs):
         places += locations
         for place in places:
             real = os.path.realpath(place)
-            if any(real == root or real.startswith(root + os.sep) for root in roots):
+            if any(os.path.commonpath([real, root]) == root for root in roots):
                 return place
         if part is None or not locations:
             return None
         places, portions = [], []  # the next part, as the path finder looks for it
+        suffixes = importlib.machinery.all_suffixes()
         for location in locations:
             folder = os.path.join(location, part)
-            if os.path.isfile(os.path.join(folder, "__init__.py")):
-                places, portions = [os.path.join(folder, "__init__.py")], [folder]
+            inits = [os.path.join(folder, "__init__" + suffix) for suffix in suffixes]
+            inits = [i for i in inits if os.path.isfile(i)]
+            if inits:  # a package (any __init__: .py, .pyc, .so) wins over a module file
+                places, portions = inits[:1], [folder]
                 break
-            modules = [os.path.join(location, part + suffix)
-                       for suffix in importlib.machinery.all_suffixes()]
+            modules = [os.path.join(location, part + suffix) for suffix in suffixes]
             modules = [m for m in modules if os.path.isfile(m)]
             if modules:
                 places, portions = modules[:1], []
