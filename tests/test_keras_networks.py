@@ -61,8 +61,7 @@ def test_batch_norm_updates_momentum_and_weight_decay():
                 for _ in range(2):  # the same batch twice: the same batch statistics
                     sess.run(updates, {images: batch})
                     means.append(np.concatenate(sess.run(bn)))  # every BN layer
-                # Keras's initializers ignore the graph seed: relate the loss to this very
-                # build's kernels, wd * sum(w^2) / 2 over all of them.
+                # Relate the loss to this very build's kernels, wd * sum(w^2) / 2 over all.
                 ratio = sess.run(tf.add_n(reg)) / sum(float(np.sum(k ** 2)) / 2
                                                       for k in sess.run(kernels))
                 return len(bn), len(updates), len(kernels), reg, ratio, means
@@ -137,6 +136,28 @@ def test_nested_batch_norm_gets_momentum_and_is_frozen(monkeypatch):
     assert not [name for name in trainable if "inner_bn" in name] and trainable
 
 
+def test_the_same_seed_gives_the_same_initial_weights():
+    """--seed (the graph seed Estimator sets) fixes a keras/ network's initial weights, as it
+    does ours; another seed gives others."""
+    def initial(seed):
+        graph = tf.Graph()
+        with graph.as_default():
+            v1.set_random_seed(seed)
+            images = v1.placeholder(tf.float32, [None, 32, 32, 3])
+            cfg = config_lib.Config(model_dir="unused", network=CHEAP, num_classes=3,
+                                    image_size=32, width=0.35)
+            model_fn.network_outputs(images, cfg, True)
+            with v1.Session() as sess:
+                sess.run(v1.global_variables_initializer())
+                return sess.run({v.op.name: v for v in v1.trainable_variables()})
+
+    first, again, other = initial(3), initial(3), initial(4)
+    assert first.keys() == again.keys() and len(first) > 50
+    assert all(np.array_equal(first[name], again[name]) for name in first)
+    kernels = [name for name in first if name.endswith("kernel")]
+    assert kernels and all(not np.array_equal(first[name], other[name]) for name in kernels)
+
+
 def test_frozen_batch_norm_stays_out_of_the_optimizer():
     graph, images, _, _ = build(CHEAP, width=0.35, freeze_batch_norm=True,
                                 trainable_scopes="logits|Conv_1_bn")
@@ -204,8 +225,8 @@ def test_trains_and_evaluates_far_above_chance(keras_model_dir):
     cfg, metrics = keras_model_dir
     # Three colour-coded classes (chance 1/3). With Keras's BN left in inference mode while
     # training, or its updates not run, the moving statistics stay at 0/1 and evaluation
-    # falls to chance (2 of 6 both times tried). Keras's initializers ignore the graph seed, so
-    # runs differ: 5 or 6 of 6 in all but one of about ten here, which had 4 of 6.
+    # falls to chance (2 of 6 both times tried). Unseeded runs scored 5 or 6 of 6 in all but
+    # one of about ten here, which had 4 of 6.
     assert metrics["accuracy"] >= 0.6
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(cfg.model_dir))
     assert np.abs(reader.get_tensor("mobilenetv2/bn_Conv1/moving_mean")).max() > 0.01

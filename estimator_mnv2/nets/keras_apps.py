@@ -25,8 +25,10 @@ leaves out in a graph-mode model_fn (../shared/FACTS.md), each in one place:
   policy (float32 variables, low-precision compute).
 """
 
+import contextlib
 import functools
 import inspect
+import random
 import re
 import weakref
 
@@ -201,7 +203,7 @@ def build(images, num_classes, is_training, app, width=1.0, weight_decay=4e-5,
         raise ValueError(f"keras/{app} needs square images of a static size, got "
                          f"{images.shape}")
     scope = scope_name(app)
-    with v1.variable_scope(scope, values=[images]):
+    with v1.variable_scope(scope, values=[images]), _seeded(v1.get_default_graph().seed):
         model = backbone(app, int(size), width, images.dtype)
         _MODELS[v1.get_default_graph()] = model
         for layer in all_layers(model):
@@ -234,6 +236,25 @@ def build(images, num_classes, is_training, app, width=1.0, weight_decay=4e-5,
         logits = _dense(net, num_classes, weight_decay, "logits")
     return logits, {"features": features, "logits": logits,
                     "predictions": tf.nn.softmax(logits, name="prob")}
+
+
+@contextlib.contextmanager
+def _seeded(seed):
+    """Keras's initializers draw their seeds from this (the graph's, i.e. --seed) while the
+    application is built: in a graph-mode model_fn they ignore TensorFlow's graph seed and draw
+    from Python's `random` (keras.src.backend.RandomGenerator.make_legacy_seed)."""
+    from keras.src import backend
+
+    state = getattr(backend, "_SEED_GENERATOR", None)
+    if seed is None or state is None:
+        yield
+        return
+    previous = getattr(state, "generator", None)
+    state.generator = random.Random(seed)
+    try:
+        yield
+    finally:
+        state.generator = previous
 
 
 def _untrain(model):
