@@ -106,14 +106,16 @@ def acquire_lock(model_dir):
 
 def _remove_stale(path, stale):
     """Removes the lock file at `path` if it still holds `stale` (a dead process's lock),
-    under an flock on `path`.takeover that every process taking over this lock holds while it
-    reads and removes: a process that judged the same lock stale a moment ago then finds the
-    new owner's lock instead and leaves it (without the flock it deleted the lock another
-    process had just created, and both trained into one model_dir)."""
+    under an flock on the model_dir itself that every process taking over this lock holds
+    while it reads and removes: a process that judged the same lock stale a moment ago then
+    finds the new owner's lock instead and leaves it (without the flock it deleted the lock
+    another process had just created, and both trained into one model_dir). Nothing is
+    written for it."""
     import fcntl
 
-    with open(path + ".takeover", "a") as guard_file:
-        fcntl.flock(guard_file, fcntl.LOCK_EX)  # released when the file closes
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # released when the descriptor closes
         try:
             with open(path) as f:
                 current = json.load(f)
@@ -123,6 +125,8 @@ def _remove_stale(path, stale):
             logging.warning("taking over %s left by process %s, which no longer runs",
                             path, stale.get("pid"))
             os.remove(path)
+    finally:
+        os.close(folder)
 
 
 def release_lock(model_dir):

@@ -127,11 +127,17 @@ class Task:
         self.poll()
 
 
-def wait_for_port(port, proc, seconds=60.0):
-    """True once something accepts connections on 127.0.0.1:port; False if `proc` ended or
-    `seconds` passed first."""
+def say(lock, text, file=None):
+    """One launcher line, whole, between the tasks' lines (under their print lock)."""
+    with lock:
+        print(text, file=file or sys.stdout, flush=True)
+
+
+def wait_for_port(port, proc, seconds=60.0, stop=lambda: False):
+    """True once something accepts connections on 127.0.0.1:port; False if `proc` ended,
+    `stop()` became true or `seconds` passed first."""
     deadline = time.time() + seconds
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.poll() is None and not stop():
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
             return True
@@ -140,18 +146,24 @@ def wait_for_port(port, proc, seconds=60.0):
     return False
 
 
-def start_data_service(data_workers, lock):
-    """A dispatcher and `data_workers` workers on free loopback ports: (tasks, address)."""
+def start_data_service(data_workers, lock, started, stop):
+    """A dispatcher and `data_workers` workers on free loopback ports, each appended to
+    `started` as it starts (the caller stops them, whatever happens next); returns the
+    address, or None when `stop()` became true first."""
     port, *worker_ports = free_ports(1 + data_workers)
     dispatcher = Task("dispatcher", 0, None, ["--dispatcher", f"--port={port}"], lock)
-    if not wait_for_port(port, dispatcher.proc):
-        dispatcher.stop()
+    started.append(dispatcher)
+    if not wait_for_port(port, dispatcher.proc, stop=stop):
+        if stop():
+            return None
         raise RuntimeError(f"the tf.data service dispatcher did not start on port {port}")
-    workers = [Task("data_worker", i, None, ["--worker", f"--dispatcher_address=127.0.0.1:"
-                                              f"{port}", f"--port={p}",
-                                              "--worker_host=127.0.0.1"], lock)
-               for i, p in enumerate(worker_ports)]
-    return [dispatcher, *workers], f"grpc://127.0.0.1:{port}"
+    for i, p in enumerate(worker_ports):
+        if stop():
+            return None
+        started.append(Task("data_worker", i, None, [
+            "--worker", f"--dispatcher_address=127.0.0.1:{port}", f"--port={p}",
+            "--worker_host=127.0.0.1"], lock))
+    return f"grpc://127.0.0.1:{port}"
 
 
 EXIT_USAGE = 2  # train.py's exit code for bad flags or input: a restart would fail again
@@ -178,30 +190,33 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
     which cannot go on without any of its tasks nor take a restarted one back, so a chief or
     worker that dies restarts all of them together, up to `restart_failed` times for the
     group (the exit table counts each process's restarts)."""
+    # From the first line: a signal at any moment stops every process started so far.
+    interrupted = []
+    previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     cluster = cluster_spec(workers, ps)
-    lock = threading.Lock()
-    print(f"cluster: {json.dumps(cluster)}" + (f"; {strategy}" if strategy else "")
-          + (f"; a tf.data service with {data_workers} worker{'s' if data_workers > 1 else ''}"
-             if data_workers else ""),
-          flush=True)
-    data = []
-    if data_workers:
-        data, address = start_data_service(data_workers, lock)
-        train_args = [f"--data_service_address={address}", *train_args]
-    servers = [Task("ps", i, cluster, train_args, lock) for i in range(ps)]
-    trainers = [Task("chief", 0, cluster, train_args, lock)]
-    trainers += [Task("worker", i, cluster, train_args, lock) for i in range(workers)]
-    if evaluator:
-        trainers.append(Task("evaluator", 0, cluster, train_args, lock))
-    tasks = data + servers + trainers
+    lock = threading.RLock()  # a restart's line and its new pid line stay adjacent
+    say(lock, f"cluster: {json.dumps(cluster)}" + (f"; {strategy}" if strategy else "")
+        + (f"; a tf.data service with {data_workers} worker{'s' if data_workers > 1 else ''}"
+           if data_workers else ""))
+    tasks, data, servers, trainers = [], [], [], []  # every process started, in order
     lost = set()  # data workers that died: reported once
     failed = None
     group_restarts = 0  # multi_worker_mirrored: restarts of the chief and workers together
-    interrupted = []
-    previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.time()
     try:
+        if data_workers:
+            address = start_data_service(data_workers, lock, tasks, lambda: bool(interrupted))
+            data = list(tasks)
+            train_args = [f"--data_service_address={address}", *train_args]
+        roles = ([("ps", i) for i in range(ps)] + [("chief", 0)]
+                 + [("worker", i) for i in range(workers)] + [("evaluator", 0)] * evaluator)
+        for kind, index in roles:
+            if interrupted:
+                break
+            task = Task(kind, index, cluster, train_args, lock)
+            tasks.append(task)
+            (servers if kind == "ps" else trainers).append(task)
         while failed is None:
             if interrupted:
                 failed = f"launcher got {signal.Signals(interrupted[0]).name}"
@@ -218,9 +233,9 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
                     # Parameter-server training cannot go on without its variables: the whole
                     # job (ps, chief, workers) starts again from the last checkpoint; the
                     # evaluator, which needs no ps, goes on.
-                    print(f"[launcher] {t.name} {how_it_ended(rc)}; restarting it and the "
-                          f"chief and workers, which resume from the last checkpoint "
-                          f"({t.restarts + 1} of {restart_failed})", flush=True)
+                    say(lock, f"[launcher] {t.name} {how_it_ended(rc)}; restarting it and the "
+                              f"chief and workers, which resume from the last checkpoint "
+                              f"({t.restarts + 1} of {restart_failed})")
                     job = [x for x in trainers if x.kind in ("chief", "worker")
                            and x.poll() != 0]
                     for x in job:  # SIGTERM's checkpoint save cannot work without the ps
@@ -244,10 +259,10 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
                         # One budget for the group: a task that hangs makes the others exit
                         # (--collective_timeout), so the one seen first is not the culprit.
                         group_restarts += 1
-                        print(f"[launcher] {t.name} {how_it_ended(rc)}; restarting the chief "
-                              f"and workers together (multi_worker_mirrored: the group cannot "
-                              f"go on without it), from the last checkpoint ({group_restarts} "
-                              f"of {restart_failed})", flush=True)
+                        say(lock, f"[launcher] {t.name} {how_it_ended(rc)}; restarting the "
+                                  f"chief and workers together (multi_worker_mirrored: the "
+                                  f"group cannot go on without it), from the last checkpoint "
+                                  f"({group_restarts} of {restart_failed})")
                         group = [x for x in trainers if x.kind in ("chief", "worker")]
                         for x in group:  # blocked in collectives: no checkpoint to wait for
                             if x is not t and x.poll() is None:
@@ -256,10 +271,11 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
                             x.restart()
                         break
                     if t.restarts < restart_failed:
-                        print(f"[launcher] {t.name} {how_it_ended(rc)}; restarting it with the "
-                              f"same command and TF_CONFIG ({t.restarts + 1} of "
-                              f"{restart_failed})", flush=True)
-                        t.restart()
+                        with lock:
+                            say(lock, f"[launcher] {t.name} {how_it_ended(rc)}; restarting it "
+                                      f"with the same command and TF_CONFIG ({t.restarts + 1} "
+                                      f"of {restart_failed})")
+                            t.restart()
                     else:
                         failed = f"{t.name} {how_it_ended(rc)}"
                         break
@@ -269,8 +285,8 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
             for t in data[1:]:
                 if t.poll() is not None and t not in lost:
                     lost.add(t)
-                    print(f"[launcher] {t.name} exited with code {t.proc.returncode}; training "
-                          f"goes on with the other data workers", flush=True)
+                    say(lock, f"[launcher] {t.name} exited with code {t.proc.returncode}; "
+                              f"training goes on with the other data workers")
             if failed is None and all(t.poll() == 0 for t in trainers):
                 break
             time.sleep(poll_seconds)
@@ -279,16 +295,17 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
             t.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    print("task          exit  seconds  restarts", flush=True)
+    lines = ["task          exit  seconds  restarts"]
     for t in tasks:
         how = ("stopped" if (t in servers or t in data) and t not in lost and failed is None
                else str(t.proc.returncode))
-        print(f"{t.name:<13} {how:>4}  {(t.ended or time.time()) - t.started:7.1f}  "
-              f"{t.restarts:8d}")
+        lines.append(f"{t.name:<13} {how:>4}  {(t.ended or time.time()) - t.started:7.1f}  "
+                     f"{t.restarts:8d}")
+    say(lock, "\n".join(lines))
     if failed:
-        print(f"cluster failed: {failed}", file=sys.stderr, flush=True)
+        say(lock, f"cluster failed: {failed}", sys.stderr)
         return 1
-    print("cluster finished: all tasks succeeded", flush=True)
+    say(lock, "cluster finished: all tasks succeeded")
     return 0
 
 

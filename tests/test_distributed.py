@@ -200,8 +200,8 @@ def test_a_restarted_worker_keeps_its_hands_off_the_chiefs_checkpoints(tmp_path,
     """TensorFlow restores a multi_worker_mirrored worker from the chief's checkpoint and hands
     its Saver the chief's list of checkpoints; a plain Saver then deletes the chief's oldest
     files once the worker has saved --keep_checkpoint_max copies of its own. The worker's
-    Saver (distribution.training_scaffold) does not; only a worker of a cluster with a chief
-    gets it."""
+    Saver (distribution.training_scaffold) does not; only a multi_worker_mirrored worker
+    gets it (a cluster without a chief is refused: check_cluster)."""
     chief_dir, worker_dir = tmp_path / "model", tmp_path / "model" / "tmp_worker_0"
     def scaffold_for(task, cluster, strategy="multi_worker_mirrored"):
         monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
@@ -212,7 +212,6 @@ def test_a_restarted_worker_keeps_its_hands_off_the_chiefs_checkpoints(tmp_path,
     with_chief = {"chief": ["a:1"], "worker": ["b:1"]}
     assert scaffold_for({"type": "chief", "index": 0}, with_chief) is None
     assert scaffold_for({"type": "evaluator", "index": 0}, with_chief) is None
-    assert scaffold_for({"type": "worker", "index": 0}, {"worker": ["a:1", "b:1"]}) is None
     with tf.Graph().as_default():  # a Saver is a graph-mode thing
         v1.Variable(1.0, name="w")
         assert isinstance(scaffold_for({"type": "worker", "index": 0},
@@ -583,6 +582,56 @@ def test_multi_worker_mirrored_group_restarts_when_a_task_dies_or_hangs(data_dir
     assert evaluations[best_step]["accuracy"] == top, (best_step, evaluations)
     # No process left: the tasks, the dispatcher and the data worker.
     assert not processes_left(out, model_dir), processes_left(out, model_dir)
+
+
+LAUNCHER_WITH_STUBS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import launch_local_cluster as launcher
+launcher.TRAIN = launcher.DATA_SERVICE = sys.argv[2]  # tasks that only sleep
+sys.exit(launcher.run([], workers=1, ps=1, evaluator=True, data_workers=int(sys.argv[3])))
+"""
+STUB_TASK = "import time\ntime.sleep(600)\n"
+
+
+@pytest.mark.parametrize("data_workers, started, signum", [
+    (1, "dispatcher", signal.SIGTERM),  # while it waits for the dispatcher's port
+    (0, "evaluator", signal.SIGHUP),    # once every task runs
+])
+def test_a_launcher_signal_at_any_moment_stops_every_task_it_started(
+        tmp_path, data_workers, started, signum):
+    stub = tmp_path / "stub.py"
+    stub.write_text(STUB_TASK)
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER_WITH_STUBS,
+                             os.path.join(ROOT, "scripts"), str(stub), str(data_workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids = []
+    try:
+        for line in proc.stdout:
+            found = re.match(r"\[launcher\] (\S+) pid (\d+)", line)
+            if found:
+                pids.append(int(found.group(2)))
+                if found.group(1) == started:
+                    break
+        proc.send_signal(signum)
+        out = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 1, out
+        assert f"cluster failed: launcher got {signum.name}" in out
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        assert pids and not alive, (pids, alive, out)
+    finally:
+        proc.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_launcher_does_not_restart_a_task_refused_for_bad_flags(tmp_path):
