@@ -115,7 +115,21 @@ def _remove_stale(path, stale):
 
     folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
-        fcntl.flock(folder, fcntl.LOCK_EX)  # released when the descriptor closes
+        deadline = time.monotonic() + 10.0
+        while True:  # never blocks for good: a holder only reads and removes a file
+            try:
+                fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on close
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrainingError(f"another process has been taking over {path} for "
+                                        f"10 s; run the command again") from None
+                time.sleep(0.05)
+            except OSError as e:  # a file system without flock on folders (some NFS)
+                raise TrainingError(
+                    f"{path} was left by process {stale.get('pid')}, which no longer runs, "
+                    f"and {os.path.dirname(path)} cannot be locked to take it over safely "
+                    f"({e}); if no training process uses it, delete {path}") from None
         try:
             with open(path) as f:
                 current = json.load(f)

@@ -262,8 +262,9 @@ def fit(cfg: Config, warm_start_from=None):
             cfg.eval_files)
         corrupt, scanned, complete = input_lib.find_corrupt_files(files)
         bad = "; ".join(f"{f}: {why}" for f, why in corrupt) or (
-            "shard not found again" if complete else
-            f"none among the first {scanned} records read; the search stops there")
+            "shard not found again" if complete else "none found")
+        if not complete:
+            bad += f"; the search stopped after {scanned} records"
         raise guard.TrainingError(
             f"unreadable TFRecords ({bad}). Rebuild them with "
             f"scripts/build_tfrecords.py, or pass --skip_corrupt_records to skip bad "

@@ -88,10 +88,16 @@ class Task:
         self.proc = subprocess.Popen(self._command, env=self._env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      text=True, bufsize=1, start_new_session=True)
-        with self._lock:
-            print(f"[launcher] {self.name} pid {self.proc.pid}", flush=True)
-        self._reader = threading.Thread(target=self._stream, args=(self._lock,), daemon=True)
-        self._reader.start()
+        try:  # a process nobody can stop is never left behind (its own session)
+            with self._lock:
+                print(f"[launcher] {self.name} pid {self.proc.pid}", flush=True)
+            self._reader = threading.Thread(target=self._stream, args=(self._lock,),
+                                            daemon=True)
+            self._reader.start()
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def restart(self, counted=True):
         """The same command and TF_CONFIG again, as a cluster manager restarts a task
@@ -194,17 +200,17 @@ def run(train_args, workers, ps, evaluator, timeout=0, poll_seconds=0.5, strateg
     interrupted = []
     previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    cluster = cluster_spec(workers, ps)
     lock = threading.RLock()  # a restart's line and its new pid line stay adjacent
-    say(lock, f"cluster: {json.dumps(cluster)}" + (f"; {strategy}" if strategy else "")
-        + (f"; a tf.data service with {data_workers} worker{'s' if data_workers > 1 else ''}"
-           if data_workers else ""))
     tasks, data, servers, trainers = [], [], [], []  # every process started, in order
     lost = set()  # data workers that died: reported once
     failed = None
     group_restarts = 0  # multi_worker_mirrored: restarts of the chief and workers together
     start = time.time()
     try:
+        cluster = cluster_spec(workers, ps)
+        say(lock, f"cluster: {json.dumps(cluster)}" + (f"; {strategy}" if strategy else "")
+            + (f"; a tf.data service with {data_workers} worker"
+               f"{'s' if data_workers > 1 else ''}" if data_workers else ""))
         if data_workers:
             address = start_data_service(data_workers, lock, tasks, lambda: bool(interrupted))
             data = list(tasks)

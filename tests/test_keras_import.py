@@ -236,15 +236,16 @@ def test_every_naming_family_imports_and_gives_kerass_outputs(tmp_path):
         keras_input = keras_apps.preprocess_module(app).preprocess_input((unit + 1.0) * 127.5)
         expected[app] = (model.predict(keras_input, verbose=0), unit)
         assert expected[app][0].std(axis=1).min() > 1e-3  # not a uniform guess
-        if earlier:  # the file's auto-numbered names differ from a fresh build's
+        if earlier:  # the file's auto-numbered names differ from a fresh graph's build
             names = [name for name, _ in keras_import.read_keras_layers(files[app])]
-            assert "conv2d" not in names and f"conv2d_{earlier}" in names
+            assert "conv2d" not in names and any(n.startswith("conv2d_") for n in names)
         del model
     for app, size, earlier in FAMILIES:
         out_dir = str(tmp_path / app)
         prefix, report = keras_import.import_weights(f"keras/{app}", files[app], out_dir,
                                                      image_size=size)
-        assert any("by layer order" in n for n in report["notes"]) == bool(earlier), report
+        if earlier:  # (others may be too, after unnamed layers elsewhere in this process)
+            assert any("by layer order" in n for n in report["notes"]), report
         want, unit = expected[app]
         if app == "ConvNeXtTiny":
             cfg = config_lib.Config(model_dir="unused", network=f"keras/{app}", num_classes=2,
