@@ -110,8 +110,14 @@ def read_keras_layers(path):
 def read_keras_h5(path):
     """{'layer/weight': array} from a Keras weights file (read_keras_layers, flattened; the
     weight's last name part), for networks mapped by name (mobilenet_v2)."""
+    return _by_name(read_keras_layers(path), path)
+
+
+def _by_name(layers, path):
+    """read_keras_layers' `layers` as {'layer/weight': array}; two weights of one name are
+    refused (a nested model saved whole)."""
     weights = {}
-    for layer, layer_weights in read_keras_layers(path):
+    for layer, layer_weights in layers:
         for weight, value in layer_weights:
             key = f"{layer}/{_short(weight)}"
             if key in weights:  # e.g. a nested model: refuse rather than overwrite
@@ -202,9 +208,9 @@ def import_weights(network, h5_path, output_dir, width=1.0, image_size=224, clas
     head = set(top.values())
     head_layers = {k.rsplit("/", 1)[0] for k in head}
     # The head: read by name ('predictions/kernel'), the top's layers only.
-    keras = read_keras_h5(h5_path) if app is None else {
-        f"{name}/{_short(w)}": value for name, weights in layers if name in head_layers
-        for w, value in weights}
+    keras = _by_name(layers if app is None else
+                     [(name, weights) for name, weights in layers if name in head_layers],
+                     h5_path)
     has_top = top["logits/w"] in keras
     # Without a top the head is not read: any class count builds the rest.
     num_classes = int(keras[top["logits/w"]].shape[-1]) if has_top else 2
